@@ -1,0 +1,28 @@
+# brainsurgeon: `make demo` and `make test` work on a fresh machine (the venv is made on first use).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench-oneshot bench-structured bench-finetune bench-sparse clean
+
+venv: $(STAMP)
+
+# torch is pinned through constraints.txt to the local CPU build: nothing may pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,sparse,onnx]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(PY) -m brainsurgeon.demo
+
+bench-oneshot: $(STAMP)
+	$(PY) benchmarks/oneshot.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,7 @@
+"""brainsurgeon: prune PyTorch networks by the curvature of the loss or by classic criteria."""
+from .engine import PruneResult, prune
+from .errors import BrainsurgeonError, MemoryBudgetError
+from .registry import methods, register
+
+__all__ = ["prune", "methods", "register", "PruneResult", "BrainsurgeonError", "MemoryBudgetError"]
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""From saliency scores to 0/1 masks: uniform per layer, one global threshold with a per-layer cap,
+or an N:M pattern. Lower score = pruned first. Counts are exact: ``round(sparsity * n)`` weights go.
+
+Ties are broken by position (stable sort), so the same scores always give the same mask.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BrainsurgeonError
+
+
+@dataclass(frozen=True)
+class Structure:
+    """``unstructured``, or ``n:m`` (at most n non-zeros in every m consecutive inputs of a row)."""
+
+    kind: str  # "unstructured" | "nm"
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, value: str) -> "Structure":
+        if value == "unstructured":
+            return cls("unstructured")
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value or "") if isinstance(value, str) else None
+        if match:
+            n, m = int(match.group(1)), int(match.group(2))
+            if 0 < n < m:
+                return cls("nm", n, m)
+            raise BrainsurgeonError(f"structure {value!r}: an N:M pattern needs 0 < N < M, e.g. '2:4'")
+        raise BrainsurgeonError(f"unknown structure {value!r}; use 'unstructured' or an N:M pattern such as '2:4'")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.kind == "nm"
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m if self.is_nm else float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else self.kind
+
+
+def num_pruned(numel: int, sparsity: float) -> int:
+    return int(round(sparsity * numel))
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask (True = kept) that prunes the ``k`` lowest scores of ``scores``."""
+    flat = scores.reshape(-1)
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k > 0:
+        order = torch.argsort(flat.double(), stable=True)
+        keep[order[:k]] = False
+    return keep.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask keeping the ``n`` highest scores in each group of ``m`` consecutive inputs of each row."""
+    rows = scores.reshape(scores.shape[0], -1)
+    if rows.shape[1] % m:
+        raise BrainsurgeonError(
+            f"a layer with {rows.shape[1]} inputs per row cannot hold a {n}:{m} pattern "
+            f"(not a multiple of {m}); exclude it with layers={{'exclude': [...]}}"
+        )
+    groups = rows.reshape(rows.shape[0], -1, m).double()
+    # stable order: prune the (m - n) lowest in each group
+    order = torch.argsort(groups, dim=-1, stable=True)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order[..., : m - n], False)
+    return keep.reshape(scores.shape)
+
+
+def uniform_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    return {name: lowest_k_mask(s, num_pruned(s.numel(), sparsity)) for name, s in scores.items()}
+
+
+def global_counts(
+    scores: dict[str, torch.Tensor], sparsity: float, max_layer_sparsity: float
+) -> dict[str, int]:
+    """How many weights each layer loses under one global threshold, no layer above the cap.
+
+    Each layer's eligible set is its ``floor(cap * n_l)`` lowest scores; the ``k`` globally lowest of
+    those are pruned (k = round(sparsity * total)), so the overall sparsity is exact.
+    """
+    total = sum(s.numel() for s in scores.values())
+    k = num_pruned(total, sparsity)
+    eligible, owners = [], []
+    for i, (name, s) in enumerate(scores.items()):
+        cap = math.floor(max_layer_sparsity * s.numel() + 1e-9)
+        if cap == 0:
+            continue
+        eligible.append(torch.sort(s.reshape(-1).double(), stable=True).values[:cap])
+        owners.append(torch.full((cap,), i, dtype=torch.long))
+    n_eligible = sum(e.numel() for e in eligible)
+    if n_eligible < k:
+        raise BrainsurgeonError(
+            f"global sparsity {sparsity} needs {k} of {total} weights pruned but max_layer_sparsity="
+            f"{max_layer_sparsity} allows only {n_eligible}; raise max_layer_sparsity or lower the sparsity"
+        )
+    counts = dict.fromkeys(scores, 0)
+    if k == 0:
+        return counts
+    all_scores = torch.cat(eligible)
+    all_owners = torch.cat(owners)
+    chosen = all_owners[torch.argsort(all_scores, stable=True)[:k]]
+    names = list(scores)
+    for i, c in zip(*torch.unique(chosen, return_counts=True)):
+        counts[names[int(i)]] = int(c)
+    return counts
+
+
+def global_masks(
+    scores: dict[str, torch.Tensor], sparsity: float, max_layer_sparsity: float
+) -> dict[str, torch.Tensor]:
+    counts = global_counts(scores, sparsity, max_layer_sparsity)
+    return {name: lowest_k_mask(s, counts[name]) for name, s in scores.items()}
+
+
+def allocate_masks(
+    scores: dict[str, torch.Tensor],
+    sparsity: float,
+    allocation: str,
+    max_layer_sparsity: float,
+    structure: Structure,
+) -> dict[str, torch.Tensor]:
+    """Masks from scores for any allocation and structure (N:M is per layer by construction)."""
+    if structure.is_nm:
+        return {name: nm_mask(s, structure.n, structure.m) for name, s in scores.items()}
+    if allocation == "global":
+        return global_masks(scores, sparsity, max_layer_sparsity)
+    return uniform_masks(scores, sparsity)
+
+
+def layer_sparsities(
+    scores: dict[str, torch.Tensor], sparsity: float, allocation: str, max_layer_sparsity: float
+) -> dict[str, float]:
+    """Per-layer target sparsity: the same everywhere (uniform) or what one global threshold gives."""
+    if allocation == "global":
+        counts = global_counts(scores, sparsity, max_layer_sparsity)
+        return {name: counts[name] / scores[name].numel() for name in scores}
+    return {name: sparsity for name in scores}

@@ -1,0 +1,1 @@
+"""Curvature statistics of the loss: per-sample vectors, diagonals, Kronecker factors, inverses."""

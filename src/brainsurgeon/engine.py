@@ -1,0 +1,264 @@
+"""``bs.prune``: validate everything up front, prune a copy, zero the pruned weights, report."""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .allocation import Structure
+from .context import PruneContext, PruneOptions
+from .data import Calibration
+from .errors import BrainsurgeonError
+from .progress import progress_enabled
+from .registry import get_method
+from .targets import LayerSpec, find_targets
+
+ALLOCATIONS = ("uniform", "global")
+
+
+@dataclass
+class PruneResult:
+    """The pruned copy, its keep-masks (``True`` = kept) and the report."""
+
+    model: nn.Module
+    report: dict
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_fraction(value, name: str, low_closed=True, high_open=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise BrainsurgeonError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not (0.0 <= value < 1.0):
+        raise BrainsurgeonError(f"{name} must be in [0, 1) (the fraction of weights removed), got {value}")
+    return float(value)
+
+
+def build_options(
+    method: str,
+    sparsity,
+    structure: str,
+    allocation: str,
+    max_layer_sparsity,
+    num_samples,
+    damping,
+    seed,
+    device,
+    batch_size,
+) -> PruneOptions:
+    struct = Structure.parse(structure)
+    if struct.is_nm:
+        if sparsity is not None and abs(float(sparsity) - struct.sparsity) > 1e-9:
+            raise BrainsurgeonError(
+                f"structure {struct} fixes the sparsity at {struct.sparsity:g}; got sparsity={sparsity}. "
+                "Leave sparsity out (or set it to 1 - N/M)"
+            )
+        sparsity = struct.sparsity
+    elif sparsity is None:
+        raise BrainsurgeonError("give the target sparsity, a number in [0, 1), e.g. sparsity=0.9")
+    sparsity = _check_fraction(sparsity, "sparsity")
+    if allocation not in ALLOCATIONS:
+        raise BrainsurgeonError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if isinstance(max_layer_sparsity, bool) or not isinstance(max_layer_sparsity, numbers.Real) or not (0 < max_layer_sparsity < 1):
+        raise BrainsurgeonError(
+            f"max_layer_sparsity must be in (0, 1): no layer may be emptied; got {max_layer_sparsity!r}"
+        )
+    if allocation == "global" and not struct.is_nm and max_layer_sparsity < sparsity:
+        raise BrainsurgeonError(
+            f"max_layer_sparsity={max_layer_sparsity} is below the global sparsity {sparsity}: "
+            "no allocation can reach it; raise the cap"
+        )
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise BrainsurgeonError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise BrainsurgeonError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if damping is not None and (
+        isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not (damping > 0 and math.isfinite(damping))
+    ):
+        raise BrainsurgeonError(f"damping must be a positive number (relative to the curvature's mean diagonal), got {damping!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise BrainsurgeonError(f"seed must be an integer, got {seed!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BrainsurgeonError(f"device {device!r} is not a torch device: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BrainsurgeonError("device='cuda' was asked for but CUDA is not available; use device='cpu'")
+    return PruneOptions(
+        method=method, sparsity=sparsity, structure=struct, allocation=allocation,
+        max_layer_sparsity=float(max_layer_sparsity), num_samples=int(num_samples),
+        damping=None if damping is None else float(damping), seed=int(seed), device=dev,
+        batch_size=int(batch_size),
+    )
+
+
+def _check_data_fits(model: nn.Module, calib: Calibration, loss_fn) -> None:
+    x, y = calib.batches[0]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # the model's own error says which shape it wanted
+        raise BrainsurgeonError(
+            f"the data does not fit the model: inputs of shape {tuple(x.shape)} raised {type(e).__name__}: {e}"
+        ) from e
+    try:
+        with torch.no_grad():
+            loss = loss_fn(out, y)
+    except Exception as e:
+        raise BrainsurgeonError(
+            f"the loss cannot be computed on the model's outputs {tuple(out.shape)} and targets "
+            f"{tuple(y.shape)} ({type(e).__name__}: {e}); check the targets or pass loss_fn"
+        ) from e
+    if loss.numel() != 1:
+        raise BrainsurgeonError(f"loss_fn must return a scalar (mean over the batch), got shape {tuple(loss.shape)}")
+    if not torch.isfinite(loss):
+        raise BrainsurgeonError(
+            f"the loss on the first batch is {loss.item()}: the model or data contains NaN/inf; fix it before pruning"
+        )
+
+
+def _layer_report(ctx: PruneContext, masks, targets_sparsity) -> dict:
+    layers = {}
+    for t in ctx.targets:
+        w = t.weight.detach()
+        zeros = int((w == 0).sum())
+        layers[t.name] = {
+            "shape": list(w.shape),
+            "numel": w.numel(),
+            "target_sparsity": targets_sparsity.get(t.name),
+            "achieved_sparsity": zeros / w.numel(),
+            "pruned": int((~masks[t.name]).sum()),
+        }
+    return layers
+
+
+def prune(
+    model: nn.Module,
+    data,
+    method: str = "magnitude",
+    sparsity: float | None = None,
+    *,
+    structure: str = "unstructured",
+    allocation: str = "uniform",
+    max_layer_sparsity: float = 0.99,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    num_samples: int = 1024,
+    damping: float | None = None,
+    layers: LayerSpec = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    progress: bool | None = None,
+    **method_options,
+) -> PruneResult:
+    """Prune a copy of ``model`` with ``method`` to ``sparsity``; ``model`` itself is left untouched.
+
+    Args:
+        model: a trained ``nn.Module``.
+        data: an iterable of ``(inputs, targets)`` batches (a DataLoader works) or one
+            ``(inputs, targets)`` tuple of tensors; at most ``num_samples`` samples are used.
+        method: a registered method (``bs.methods()`` lists them).
+        sparsity: the fraction of prunable weights to remove, in [0, 1).
+        structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"``.
+        allocation: ``"uniform"`` (the same sparsity in every layer) or ``"global"`` (one threshold
+            over comparable saliencies, no layer above ``max_layer_sparsity``).
+        loss_fn: ``loss(outputs, targets)``, a mean over the batch; cross-entropy by default.
+        damping: relative damping of curvature inverses (each method documents its default).
+        layers: name patterns: ``["fc*"]`` or ``{"include": [...], "exclude": [...]}``; by default
+            every Linear and Conv2d weight.
+        seed: seeds every random choice; same inputs and seed give the same result.
+        progress: show progress bars (default: when stderr is a terminal).
+        **method_options: options of the method itself (see its docstring).
+
+    Returns:
+        :class:`PruneResult` with ``model`` (same architecture, pruned weights exactly zero),
+        ``masks`` and ``report``.
+    """
+    t_start = time.perf_counter()
+    # 1. Everything that can be wrong with the arguments, before any work.
+    opts = build_options(
+        method, sparsity, structure, allocation, max_layer_sparsity, num_samples, damping, seed, device, batch_size
+    )
+    method_cls = get_method(method)
+    if opts.structure.is_nm and not method_cls.supports_nm:
+        nm_methods = sorted(n for n, c in _all_methods().items() if c.supports_nm)
+        raise BrainsurgeonError(
+            f"method {method!r} cannot produce N:M patterns ({opts.structure}); methods that can: {', '.join(nm_methods)}"
+        )
+    if not isinstance(model, nn.Module):
+        raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    algo = method_cls.create(**method_options)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    if not callable(loss_fn):
+        raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")
+    find_targets(model, layers)  # fail fast on the user's model, before copying it
+
+    # 2. A working copy; the user's model is never touched.
+    work = copy.deepcopy(model).to(opts.device).eval()
+    targets = find_targets(work, layers)
+    calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
+    _check_data_fits(work, calib, loss_fn)
+    gen_device = opts.device if opts.device.type == "cuda" else torch.device("cpu")
+    ctx = PruneContext(
+        model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,
+        generator=torch.Generator(gen_device).manual_seed(opts.seed),
+        show_progress=progress_enabled(progress),
+    )
+    algo.validate(ctx)
+
+    # 3. Prune. Global RNG state is forked so the user's generator is not advanced.
+    with torch.random.fork_rng(devices=[] if opts.device.type == "cpu" else [opts.device]):
+        torch.manual_seed(opts.seed)
+        masks = algo.run(ctx)
+    missing = {t.name for t in targets} - set(masks)
+    if missing:
+        raise RuntimeError(f"method {method!r} returned no mask for {sorted(missing)}")  # a bug, not bad input
+    with torch.no_grad():
+        for t in targets:
+            t.weight.mul_(masks[t.name].to(t.weight.dtype))
+            if not torch.isfinite(t.weight).all():
+                raise RuntimeError(f"method {method!r} produced non-finite weights in {t.name}")
+
+    # 4. Report.
+    targets_sparsity = ctx.extra_report.pop("target_sparsity", None) or {
+        t.name: (opts.sparsity if opts.allocation == "uniform" or opts.structure.is_nm else None) for t in targets
+    }
+    layer_rep = _layer_report(ctx, masks, targets_sparsity)
+    if opts.allocation == "global" and not opts.structure.is_nm:
+        for name, rep in layer_rep.items():
+            rep["target_sparsity"] = rep["achieved_sparsity"] if rep["target_sparsity"] is None else rep["target_sparsity"]
+    total = sum(r["numel"] for r in layer_rep.values())
+    zeros = sum(int(r["achieved_sparsity"] * r["numel"] + 0.5) for r in layer_rep.values())
+    timings = {f"{k}_s": v for k, v in ctx.timer.seconds.items()}
+    timings["total_s"] = time.perf_counter() - t_start
+    report = {
+        "method": method,
+        "method_options": algo.options(),
+        "options": {
+            "sparsity": opts.sparsity, "structure": str(opts.structure), "allocation": opts.allocation,
+            "max_layer_sparsity": opts.max_layer_sparsity, "num_samples": calib.num_samples,
+            "damping": opts.damping, "layers": layers, "seed": opts.seed, "device": str(opts.device),
+        },
+        "overall": {"target_sparsity": opts.sparsity, "achieved_sparsity": zeros / total, "numel": total, "zeros": zeros},
+        "layers": layer_rep,
+        "timings": timings,
+        "numerics": {"damping": ctx.numerics.damping, "fallbacks": ctx.numerics.fallbacks},
+        **ctx.extra_report,
+    }
+    if not model.training:
+        work.eval()
+    else:
+        work.train()
+    return PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in masks.items()})
+
+
+def _all_methods():
+    from .registry import _REGISTRY, _load_builtin
+
+    _load_builtin()
+    return dict(_REGISTRY)

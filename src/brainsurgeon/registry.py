@@ -1,0 +1,53 @@
+"""The method registry: adding a pruning method is one module and one ``@register``.
+
+Each registered class carries a one-line ``summary`` (shown by ``bs.methods()``) and a docstring
+that cites its paper and gives the formula it computes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pruners.base import PruningMethod
+
+_REGISTRY: dict[str, type["PruningMethod"]] = {}
+M = TypeVar("M")
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator: register a :class:`PruningMethod` subclass under ``name``."""
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name]} and {cls})")
+        if not getattr(cls, "summary", ""):
+            raise ValueError(f"method {name!r} needs a one-line `summary`")
+        if not (cls.__doc__ or "").strip():
+            raise ValueError(f"method {name!r} needs a docstring citing its paper and formula")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Importing the pruners package registers every built-in method (it is not named
+    # `methods`: that would shadow `bs.methods()` on the package).
+    import importlib
+
+    importlib.import_module("brainsurgeon.pruners")
+
+
+def get_method(name: str) -> type["PruningMethod"]:
+    _load_builtin()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown method {name!r}; registered methods are: {known}")
+    return _REGISTRY[name]
+
+
+def methods() -> dict[str, str]:
+    """``{name: one-line description}`` of every registered method."""
+    _load_builtin()
+    return {name: cls.summary for name, cls in sorted(_REGISTRY.items())}
