@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench-oneshot bench-structured bench-finetune bench-sparse clean
+.PHONY: venv test demo bench-oneshot bench-layer-speed bench-structured bench-finetune bench-sparse clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py
+
+bench-layer-speed: $(STAMP)
+	$(PY) benchmarks/layer_speed.py
+
+bench-sparse: $(STAMP)
+	$(PY) benchmarks/sparse.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

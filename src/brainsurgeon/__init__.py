@@ -5,3 +5,6 @@ from .registry import methods, register
 
 __all__ = ["prune", "methods", "register", "PruneResult", "BrainsurgeonError", "MemoryBudgetError"]
 __version__ = "0.1.0"
+from .sparse import load, save, to_sparse  # noqa: E402
+
+__all__ += ["save", "load", "to_sparse"]

@@ -207,7 +207,12 @@ def load_tensor_file(path: str | Path) -> Batch:
             missing = {"x", "y"} - set(f.files)
             if missing:
                 raise BrainsurgeonError(f"{path} lacks arrays {sorted(missing)}; it must hold `x` and `y`")
-            x, y = torch.from_numpy(f["x"].copy()), torch.from_numpy(f["y"].copy())
+            try:
+                x, y = torch.from_numpy(f["x"].copy()), torch.from_numpy(f["y"].copy())
+            except (ValueError, TypeError) as e:  # object arrays would need pickle, which is never used
+                raise BrainsurgeonError(
+                    f"{path}: `x` and `y` must be numeric arrays (saved without pickle): {e}"
+                ) from e
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -53,7 +53,7 @@ def build_options(
 ) -> PruneOptions:
     struct = Structure.parse(structure)
     if struct.is_nm:
-        if sparsity is not None and abs(float(sparsity) - struct.sparsity) > 1e-9:
+        if sparsity is not None and abs(_check_fraction(sparsity, "sparsity") - struct.sparsity) > 1e-9:
             raise BrainsurgeonError(
                 f"structure {struct} fixes the sparsity at {struct.sparsity:g}; got sparsity={sparsity}. "
                 "Leave sparsity out (or set it to 1 - N/M)"
@@ -95,6 +95,16 @@ def build_options(
         damping=None if damping is None else float(damping), seed=int(seed), device=dev,
         batch_size=int(batch_size),
     )
+
+
+def _check_nm_fits(targets, structure: Structure) -> None:
+    """Every target row must split into groups of M inputs, or no N:M pattern exists."""
+    bad = [f"{t.name} ({t.weight_matrix().shape[1]} inputs)" for t in targets if t.weight_matrix().shape[1] % structure.m]
+    if bad:
+        raise BrainsurgeonError(
+            f"{structure} needs each layer's inputs per row to be a multiple of {structure.m}; not so for "
+            f"{', '.join(bad)}. Exclude them with layers={{'exclude': [...]}} (CLI: --exclude NAME)"
+        )
 
 
 def _check_data_fits(model: nn.Module, calib: Calibration, loss_fn) -> None:
@@ -184,7 +194,7 @@ def prune(
     opts = build_options(
         method, sparsity, structure, allocation, max_layer_sparsity, num_samples, damping, seed, device, batch_size
     )
-    method_cls = get_method(method)
+    method_cls = _method_class(method)
     if opts.structure.is_nm and not method_cls.supports_nm:
         nm_methods = sorted(n for n, c in _all_methods().items() if c.supports_nm)
         raise BrainsurgeonError(
@@ -196,7 +206,9 @@ def prune(
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     if not callable(loss_fn):
         raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")
-    find_targets(model, layers)  # fail fast on the user's model, before copying it
+    user_targets = find_targets(model, layers)  # fail fast on the user's model, before copying it
+    if opts.structure.is_nm:
+        _check_nm_fits(user_targets, opts.structure)
 
     # 2. A working copy; the user's model is never touched.
     work = copy.deepcopy(model).to(opts.device).eval()
@@ -255,6 +267,16 @@ def prune(
     else:
         work.train()
     return PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in masks.items()})
+
+
+def _method_class(method):
+    """The registered class of ``method``, or a BrainsurgeonError listing the registered ones."""
+    registered = _all_methods()
+    if not isinstance(method, str) or method not in registered:
+        raise BrainsurgeonError(
+            f"unknown method {method!r}; registered methods are: {', '.join(sorted(registered))}"
+        )
+    return get_method(method)
 
 
 def _all_methods():

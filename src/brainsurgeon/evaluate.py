@@ -5,6 +5,25 @@ import torch
 from torch import nn
 
 from .data import iter_batches
+from .errors import BrainsurgeonError
+
+
+def _first_batch(model, loss_fn, x, y):
+    """The first batch, with a clear message when the data does not fit the model or the loss."""
+    try:
+        out = model(x)
+    except Exception as e:  # the model's own error says which shape it wanted
+        raise BrainsurgeonError(
+            f"the data does not fit the model: inputs of shape {tuple(x.shape)} raised {type(e).__name__}: {e}"
+        ) from e
+    try:
+        loss = loss_fn(out, y)
+    except Exception as e:
+        raise BrainsurgeonError(
+            f"the loss cannot be computed on outputs {tuple(out.shape)} and targets {tuple(y.shape)} "
+            f"({type(e).__name__}: {e}); check the targets"
+        ) from e
+    return out, loss
 
 
 @torch.no_grad()
@@ -15,10 +34,13 @@ def evaluate(model: nn.Module, data, loss_fn=None, batch_size: int = 1024, devic
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
     try:
-        for x, y in iter_batches(data, batch_size):
+        for i, (x, y) in enumerate(iter_batches(data, batch_size)):
             x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss = loss_fn(out, y)
+            if i == 0:
+                out, loss = _first_batch(model, loss_fn, x, y)
+            else:
+                out = model(x)
+                loss = loss_fn(out, y)
             # a mean-reduced loss is scaled back to a sum so batches weigh by size
             total_loss += float(loss) * (1 if getattr(loss_fn, "reduction", "mean") == "sum" else len(x))
             if out.dim() == 2 and y.dim() == 1:

@@ -71,8 +71,11 @@ def save_weights(model: nn.Module, path: str | Path, spec: dict | None = None, e
 def read_spec(path: str | Path) -> dict | None:
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own types for missing files and corrupt headers
+        raise BrainsurgeonError(f"{path} is not a readable safetensors file: {e}") from e
     return json.loads(meta[SPEC_KEY]) if SPEC_KEY in meta else None
 
 
@@ -103,6 +106,8 @@ def load_state(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model(weights: str | Path, spec: dict | None = None) -> nn.Module:
     """Rebuild a model from ``spec`` (or the spec stored in the safetensors file) and load weights."""
     weights = Path(weights)
+    if not weights.exists():
+        raise BrainsurgeonError(f"weights file {weights} does not exist")
     if spec is None:
         if weights.suffix != ".safetensors":
             raise BrainsurgeonError(f"{weights} carries no architecture spec: give --model package.module:factory")

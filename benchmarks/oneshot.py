@@ -1,0 +1,113 @@
+"""One-shot unstructured pruning of LeNet-300-100 on Fashion-MNIST, no fine-tuning (`make bench-oneshot`).
+
+Every registered method x {uniform, global} x sparsity {0.5, 0.8, 0.9, 0.95, 0.98}; the peer
+torch.nn.utils.prune.global_unstructured (L1) measured in the same run. Test accuracy (10k test set)
+and pruning time per cell; results also in runs/bench/oneshot.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from _record import markdown_table, record_section
+from common import CACHE, accuracy, calibration, dataset, dense_model
+
+import brainsurgeon as bs
+from brainsurgeon.errors import MemoryBudgetError
+
+SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
+TARGET_DROP = {0.8: 1.0, 0.9: 4.0, 0.95: 13.0}
+
+
+def torch_global_l1(model, sparsity):
+    import copy
+
+    m = copy.deepcopy(model)
+    params = [(mod, "weight") for mod in m.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    t0 = time.perf_counter()
+    torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=sparsity)
+    for mod, name in params:
+        torch_prune.remove(mod, name)
+    return m, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--samples", type=int, default=1024, help="calibration samples (from the training set)")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--methods", nargs="*", default=None, help="default: every registered method")
+    ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
+    ap.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    data = dataset("fashion-mnist")
+    model, train_s, cached = dense_model("lenet300", data, epochs=args.epochs)
+    dense_acc = accuracy(model, data)
+    print(f"dense LeNet-300-100: {100 * dense_acc:.2f}% ({'cached' if cached else f'trained in {train_s:.0f}s'})")
+    calib = calibration(data, args.samples)
+    methods = args.methods or list(bs.methods())
+    results: dict[str, dict[str, dict]] = {}
+    for method in methods:
+        for alloc in ("uniform", "global"):
+            row = results.setdefault(f"{method} ({alloc})", {})
+            for s in args.sparsities:
+                try:
+                    res = bs.prune(model, calib, method, s, allocation=alloc, num_samples=args.samples, progress=False)
+                except MemoryBudgetError as e:
+                    row[str(s)] = {"error": str(e).split(";")[0]}
+                    print(f"{method:>12} {alloc:>7} {s:.2f}: n/a ({row[str(s)]['error']})")
+                    continue
+                acc = accuracy(res.model, data)
+                row[str(s)] = {"accuracy": acc, "seconds": res.report["timings"]["total_s"]}
+                print(f"{method:>12} {alloc:>7} {s:.2f}: {100 * acc:6.2f}%  {row[str(s)]['seconds']:7.2f}s", flush=True)
+    row = results.setdefault("torch global_unstructured L1 (peer)", {})
+    for s in args.sparsities:
+        m, sec = torch_global_l1(model, s)
+        row[str(s)] = {"accuracy": accuracy(m, data), "seconds": sec}
+        print(f"{'torch-L1':>12}  global {s:.2f}: {100 * row[str(s)]['accuracy']:6.2f}%  {sec:7.2f}s")
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / "oneshot.json").write_text(json.dumps({"dense_accuracy": dense_acc, "results": results}, indent=2))
+    header = ["method (allocation)"] + [f"{s:g}" for s in args.sparsities]
+    rows = []
+    for name, cells in results.items():
+        r = [name]
+        for s in args.sparsities:
+            c = cells.get(str(s), {})
+            r.append(
+                f"n/a: {c['error']}" if "error" in c
+                else f"{100 * c['accuracy']:.2f} ({c['seconds']:.1f}s)" if c else ""
+            )
+        rows.append(r)
+    best_lines = []
+    for s in args.sparsities:
+        scored = [(c[str(s)]["accuracy"], n) for n, c in results.items() if "accuracy" in c.get(str(s), {})]
+        if not scored:
+            continue
+        acc, name = max(scored)
+        drop = 100 * (dense_acc - acc)
+        target = TARGET_DROP.get(s)
+        verdict = "" if target is None else (f" (target <= {target:g}: {'met' if drop <= target else 'MISSED'})")
+        gm = results.get("magnitude (global)", {}).get(str(s), {})
+        gm_drop = f"; global magnitude drops {100 * (dense_acc - gm['accuracy']):.2f}" if "accuracy" in gm else ""
+        best_lines.append(f"- sparsity {s:g}: best {name} at {100 * acc:.2f}%, drop {drop:.2f} points{verdict}{gm_drop}")
+    body = (
+        f"LeNet-300-100 on Fashion-MNIST (60k train, 10k test), dense test accuracy **{100 * dense_acc:.2f}%**. "
+        f"One-shot pruning of every Linear weight, no fine-tuning, {args.samples} calibration samples from the "
+        "training set, default options of each method. Cells: test accuracy % (pruning wall time).\n\n"
+        + markdown_table(header, rows)
+        + "\n\nBest method per sparsity (accuracy drop from dense):\n\n" + "\n".join(best_lines) + "\n"
+    )
+    if not args.no_record:
+        record_section("oneshot", "One-shot unstructured pruning (LeNet-300-100, Fashion-MNIST)",
+                       "make bench-oneshot", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

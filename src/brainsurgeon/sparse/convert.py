@@ -1,0 +1,179 @@
+"""``bs.to_sparse``: swap pruned layers for sparse modules where, measured, they run faster.
+
+For every ``nn.Linear`` / ``nn.Conv2d`` the dense layer and each usable sparse engine run on the
+layer's real input shape (captured from one forward pass of an example batch); the fastest wins,
+the dense layer included. The choice is kept in ``model.sparse_report`` (one dict per layer: engine,
+sparsity, reason, median milliseconds per engine, speed-up over dense).
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import BrainsurgeonError
+from .kernels import SPARSE_ENGINES, CSR, get_engine
+from .modules import SparseConv2d, SparseLinear, conv_unsupported
+
+# Below this sparsity no CPU sparse kernel beats dense BLAS (an index per value at least doubles the
+# bytes per weight read), so such layers stay dense without being timed.
+MIN_SPARSITY = 0.3
+MATCH_RTOL = 1e-5
+
+
+def _time_ms(fn: Callable[[], torch.Tensor], budget_s: float = 0.15, max_repeats: int = 25) -> float:
+    """Median wall time of ``fn`` in ms, after two warm-up calls (JIT compile, caches)."""
+    fn()
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < max_repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _example_input(model: nn.Module, example_input, batch_size: int):
+    if example_input is not None:
+        return example_input
+    spec = getattr(model, "brainsurgeon_spec", None) or {}
+    shape = (spec.get("kwargs") or {}).get("input_shape")
+    if shape is None and "arch" in spec:
+        shape = (1, 28, 28)  # the reference models' default input
+    return None if shape is None else torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+
+
+def _capture_inputs(model: nn.Module, layers: dict[str, nn.Module], example) -> dict[str, torch.Tensor]:
+    """Each layer's input on one forward pass of ``example`` (so convolutions are timed at their real size)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0].detach()))
+             for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as e:
+        raise BrainsurgeonError(f"the example input {tuple(example.shape)} does not run through the model ({e}); "
+                                "pass example_input= of the shape the model takes") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _stand_in_input(module: nn.Module, batch_size: int) -> torch.Tensor:
+    """A random input when no example is known: (batch, in) for Linear, 16x16 maps for Conv2d."""
+    g = torch.Generator().manual_seed(0)
+    if isinstance(module, nn.Linear):
+        return torch.randn(batch_size, module.in_features, generator=g)
+    return torch.randn(batch_size, module.in_channels, 16, 16, generator=g)
+
+
+def _sparse_module(module: nn.Module, engine: str) -> nn.Module:
+    return SparseLinear(module, engine) if isinstance(module, nn.Linear) else SparseConv2d(module, engine)
+
+
+def _why_dense(module: nn.Module, sparsity: float, min_sparsity: float, forced: bool) -> str | None:
+    if module.weight.dtype != torch.float32:
+        return f"dtype {module.weight.dtype} (sparse kernels are float32)"
+    if isinstance(module, nn.Conv2d) and (why := conv_unsupported(module)):
+        return why
+    if not forced and sparsity < min_sparsity:
+        return f"sparsity {sparsity:.3f} below {min_sparsity} (dense BLAS is faster)"
+    return None
+
+
+def _matches(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    scale = ref.abs().max().clamp_min(1e-30)
+    return bool(((y - ref).abs().max() / scale) <= MATCH_RTOL * 10)
+
+
+def _choose(module: nn.Module, x: torch.Tensor, engines: tuple[str, ...], entry: dict):
+    """Time dense and every engine on ``x``; return the fastest module (the dense one if it wins)."""
+    with torch.no_grad():
+        ref = module(x)
+        times = {"dense": _time_ms(lambda: module(x))}
+        best, best_module = "dense", module
+        for name in engines:
+            candidate = _sparse_module(module, name)
+            if not _matches(candidate(x), ref):  # an engine that disagrees with dense is never used
+                entry.setdefault("rejected", {})[name] = "output differs from dense"
+                continue
+            times[name] = _time_ms(lambda: candidate(x))
+            if times[name] < times[best]:
+                best, best_module = name, candidate
+    entry.update(engine=best, times_ms={k: round(v, 4) for k, v in times.items()},
+                 speedup_vs_dense=round(times["dense"] / times[best], 3),
+                 reason="fastest measured" if best != "dense" else "dense measured fastest")
+    return best_module
+
+
+def _usable_engines(engines, csr: CSR) -> tuple[str, ...]:
+    return tuple(n for n in engines if get_engine(n).available() is None and get_engine(n).supports(csr) is None)
+
+
+def to_sparse(
+    model: nn.Module,
+    *,
+    example_input: torch.Tensor | None = None,
+    batch_size: int = 1,
+    engines: tuple[str, ...] | list[str] | None = None,
+    engine: str | None = None,
+    min_sparsity: float = MIN_SPARSITY,
+) -> nn.Module:
+    """A copy of ``model`` with pruned Linear/Conv2d layers replaced by sparse modules (inference only).
+
+    Per layer the dense layer and each engine (``engines``, default all usable of numba_csr, mkl,
+    torch_csr, torch_bsr) are timed on the layer's input for ``example_input`` (default: a random
+    batch of ``batch_size`` in the model's spec input shape); the fastest is kept. ``engine=`` forces
+    one engine on every supported layer without timing. The input model is not modified.
+    The copy's ``sparse_report`` says, per layer, the engine chosen, why, and the times measured.
+    """
+    if not isinstance(model, nn.Module):
+        raise BrainsurgeonError(f"to_sparse needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise BrainsurgeonError(f"batch_size must be a positive integer, got {batch_size!r}")
+    names = tuple(engines) if engines is not None else SPARSE_ENGINES
+    for n in names + ((engine,) if engine else ()):
+        get_engine(n)  # unknown names fail here, before any work
+    if engine is not None and (why := get_engine(engine).available()):
+        raise BrainsurgeonError(f"engine {engine!r} is not usable here: {why}")
+    work = copy.deepcopy(model).eval()
+    layers = {n: m for n, m in work.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    example = _example_input(work, example_input, batch_size)
+    inputs = _capture_inputs(work, layers, example) if example is not None else {}
+    report = {}
+    for name, module in layers.items():
+        csr = CSR.from_dense(module.weight)
+        entry = {"kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
+                 "shape": list(module.weight.shape), "sparsity": round(csr.sparsity, 4)}
+        report[name] = entry
+        why = _why_dense(module, csr.sparsity, min_sparsity, engine is not None)
+        if why:
+            entry.update(engine="dense", reason=why)
+            continue
+        if engine is not None:
+            if why := get_engine(engine).supports(csr):
+                entry.update(engine="dense", reason=f"{engine}: {why}")
+                continue
+            new = _sparse_module(module, engine)
+            entry.update(engine=engine, reason="forced")
+        else:
+            x = inputs.get(name, None)
+            new = _choose(module, x if x is not None else _stand_in_input(module, batch_size),
+                          _usable_engines(names, csr), entry)
+        if new is not module:
+            if name == "":  # the model is itself one layer
+                work = new
+            else:
+                _replace(work, name, new)
+    work.sparse_report = report
+    return work
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)

@@ -1,0 +1,294 @@
+"""Compact encodings of pruned weight tensors (ALGORITHMS.md section 1, step 4).
+
+Every weight is seen as the matrix ``out x in_flat`` (a conv's filters flattened), and stored in
+whichever of these encodings is smallest for it:
+
+* ``csr`` -- compressed sparse rows: the non-zero values (AA), each row's start (JA, ``rows + 1``
+  entries) and each value's column (IC), i.e. ``2a + n + 1`` numbers for ``a`` non-zeros in ``n``
+  rows. Both index arrays use the smallest integer type that holds them (uint8, int16, int32, int64).
+* ``delta`` -- relative indices as in Deep Compression (Han, Mao, Dally 2016, section 3): each
+  non-zero stores the gap from the previous one in the flattened matrix, in 4, 8 or 16 bits; a gap
+  wider than the width allows is bridged by a padding entry whose value is 0 (a "filler zero").
+  No row pointers are needed.
+* ``nm`` -- packed N:M: every group of M consecutive inputs of a row keeps at most N weights; store
+  exactly N values per group and each value's position in the group in ``ceil(log2 M)`` bits.
+* ``dense`` -- the tensor as it is (biases, BatchNorm statistics, weights that are not sparse enough).
+
+Decoding gives every non-zero bit for bit. Zeros come back as +0.0: a pruned weight multiplied by
+its mask may be -0.0, which compares equal to 0 but whose sign bit is not worth storing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import BrainsurgeonError
+
+# Index widths tried for CSR, smallest first; int16 is used up to 32767 because safetensors and
+# torch agree on its layout everywhere (unsigned 16-bit is newer in both).
+CSR_INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+DELTA_BITS = (4, 8, 16)
+NM_GROUP_SIZES = (4, 8, 16, 32)
+
+
+@dataclass
+class Encoded:
+    """One encoded tensor: its arrays (named parts) and the JSON-able facts needed to decode it."""
+
+    encoding: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts.values())
+
+
+# ----------------------------------------------------------------------------- helpers
+def smallest_index_dtype(max_value: int) -> torch.dtype:
+    """The narrowest integer dtype of CSR_INDEX_DTYPES that can hold ``max_value`` (>= 0)."""
+    for dt in CSR_INDEX_DTYPES:
+        if max_value <= torch.iinfo(dt).max:
+            return dt
+    raise BrainsurgeonError(f"an index of {max_value} does not fit in 64 bits")
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The ``out x in_flat`` view of a weight (a conv's filters flattened), as the pruners see it."""
+    return t.reshape(t.shape[0], -1)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack small unsigned integers (< 2**bits, bits in 1..8) into bytes, little-endian within a byte."""
+    values = np.asarray(values, dtype=np.uint8)
+    per_byte = 8 // bits
+    pad = (-len(values)) % per_byte
+    v = np.concatenate([values, np.zeros(pad, np.uint8)]).reshape(-1, per_byte).astype(np.uint16)
+    shifts = (np.arange(per_byte, dtype=np.uint16) * bits)[None, :]
+    return (v << shifts).sum(axis=1).astype(np.uint8)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: the first ``count`` integers."""
+    per_byte = 8 // bits
+    if len(packed) * per_byte < count:
+        raise BrainsurgeonError(f"packed index array holds {len(packed) * per_byte} entries, {count} expected")
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits)[None, :]
+    v = (packed.astype(np.uint8)[:, None] >> shifts) & np.uint8((1 << bits) - 1)
+    return v.reshape(-1)[:count]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+# ----------------------------------------------------------------------------- CSR
+def encode_csr(t: torch.Tensor) -> Encoded:
+    m = as_matrix(t.detach().cpu())
+    rows, cols = m.shape
+    nz = m != 0
+    counts = nz.sum(dim=1)
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    col_idx = nz.nonzero()[:, 1]  # row-major order, so grouped by row
+    nnz = int(row_ptr[-1])
+    return Encoded(
+        "csr", tuple(t.shape), t.dtype,
+        {
+            "values": m[nz].contiguous(),
+            "row_ptr": row_ptr.to(smallest_index_dtype(nnz)),
+            "col_idx": col_idx.to(smallest_index_dtype(max(cols - 1, 0))),
+        },
+        {"nnz": nnz},
+    )
+
+
+def decode_csr(e: Encoded) -> torch.Tensor:
+    rows, cols = e.shape[0], math.prod(e.shape[1:])
+    values, row_ptr, col_idx = e.parts["values"], e.parts["row_ptr"].long(), e.parts["col_idx"].long()
+    nnz = values.numel()
+    if row_ptr.numel() != rows + 1 or col_idx.numel() != nnz:
+        raise BrainsurgeonError(f"CSR arrays have inconsistent lengths ({row_ptr.numel()} row pointers for {rows} rows, "
+                                f"{col_idx.numel()} column indices for {nnz} values)")
+    if nnz and (int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any())):
+        raise BrainsurgeonError("CSR row pointers are not a non-decreasing sequence from 0 to the number of values")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= cols):
+        raise BrainsurgeonError(f"CSR column indices fall outside 0..{cols - 1}")
+    out = torch.zeros(rows, cols, dtype=e.dtype)
+    row_of = torch.repeat_interleave(torch.arange(rows), row_ptr[1:] - row_ptr[:-1])
+    out[row_of, col_idx] = values
+    return out.reshape(e.shape)
+
+
+# ----------------------------------------------------------------------------- delta (Deep Compression)
+def _delta_entries(flat_positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaps of the non-zeros (first gap counted from -1), with filler entries where a gap overflows.
+
+    Returns ``(gaps, is_real)``: one gap per stored entry, and whether the entry is a real weight
+    (else a filler zero). A gap ``g > cap`` becomes ``ceil(g / cap) - 1`` fillers of gap ``cap`` and
+    the remainder.
+    """
+    cap = (1 << bits) - 1
+    gaps = np.diff(np.concatenate([[-1], flat_positions])).astype(np.int64)
+    fillers = (gaps - 1) // cap  # entries needed before the real one
+    total = len(gaps) + int(fillers.sum())
+    out = np.full(total, cap, dtype=np.int64)
+    real = np.zeros(total, dtype=bool)
+    real_at = np.cumsum(fillers + 1) - 1
+    out[real_at] = gaps - fillers * cap
+    real[real_at] = True
+    return out, real
+
+
+def delta_size(flat_positions: np.ndarray, bits: int, value_bytes: int) -> int:
+    cap = (1 << bits) - 1
+    gaps = np.diff(np.concatenate([[-1], flat_positions]))
+    entries = len(gaps) + int(((gaps - 1) // cap).sum())
+    return entries * value_bytes + math.ceil(entries * bits / 8)
+
+
+def encode_delta(t: torch.Tensor, bits: int) -> Encoded:
+    flat = t.detach().cpu().reshape(-1)
+    pos = _np((flat != 0).nonzero().reshape(-1))
+    gaps, real = _delta_entries(pos, bits)
+    values = torch.zeros(len(gaps), dtype=t.dtype)
+    values[torch.from_numpy(real)] = flat[flat != 0]
+    if bits < 8:
+        idx = pack_bits(gaps, bits)
+    elif bits == 8:
+        idx = gaps.astype(np.uint8)
+    else:  # 16-bit gaps kept as int16 bit patterns: the same bytes, a dtype every safetensors reader knows
+        idx = gaps.astype(np.uint16).view(np.int16)
+    idx_t = torch.from_numpy(np.ascontiguousarray(idx))
+    return Encoded("delta", tuple(t.shape), t.dtype, {"values": values, "gaps": idx_t},
+                   {"bits": bits, "entries": int(len(gaps))})
+
+
+def decode_delta(e: Encoded) -> torch.Tensor:
+    bits, entries = int(e.info["bits"]), int(e.info["entries"])
+    values = e.parts["values"]
+    raw = _np(e.parts["gaps"])
+    if values.numel() != entries:
+        raise BrainsurgeonError(f"delta-coded tensor holds {values.numel()} values, its header says {entries}")
+    if bits < 8:
+        gaps = unpack_bits(raw, bits, entries).astype(np.int64)
+    else:
+        gaps = raw.view(np.uint8 if bits == 8 else np.uint16).astype(np.int64)
+        if len(gaps) != entries:
+            raise BrainsurgeonError(f"delta-coded tensor holds {len(gaps)} gaps, its header says {entries}")
+    n = math.prod(e.shape)
+    if entries and (gaps.min() < 1):
+        raise BrainsurgeonError("delta-coded gaps must be >= 1")
+    pos = np.cumsum(gaps) - 1
+    if entries and pos[-1] >= n:
+        raise BrainsurgeonError(f"delta-coded positions run past the tensor's {n} elements")
+    out = torch.zeros(n, dtype=e.dtype)
+    out[torch.from_numpy(pos)] = values  # fillers write their 0 where the weight is 0 anyway
+    return out.reshape(e.shape)
+
+
+# ----------------------------------------------------------------------------- packed N:M
+def nm_pattern(t: torch.Tensor, m: int) -> int | None:
+    """The smallest N such that every group of ``m`` consecutive inputs holds at most N non-zeros."""
+    mat = as_matrix(t)
+    if mat.shape[1] % m:
+        return None
+    return int((mat.reshape(mat.shape[0], -1, m) != 0).sum(-1).max())
+
+
+def nm_size(t: torch.Tensor, n: int, m: int) -> int:
+    groups = t.numel() // m
+    bits = max(1, math.ceil(math.log2(m)))
+    return groups * n * t.element_size() + math.ceil(groups * n * _packed_width(bits) / 8)
+
+
+def _packed_width(bits: int) -> int:
+    """Bits per position as packed: a divisor of 8 (1, 2, 4, 8) so no position straddles bytes."""
+    for w in (1, 2, 4, 8):
+        if bits <= w:
+            return w
+    raise BrainsurgeonError(f"an N:M group of more than 256 is not supported (needs {bits} bits)")
+
+
+def encode_nm(t: torch.Tensor, n: int, m: int) -> Encoded:
+    mat = as_matrix(t.detach().cpu())
+    groups = mat.reshape(mat.shape[0], -1, m)
+    nz = groups != 0
+    # stable sort puts the non-zeros first, in position order; the rest fill up to N with zeros
+    order = torch.argsort((~nz).to(torch.int8), dim=-1, stable=True)[..., :n]
+    values = torch.gather(groups, -1, order)
+    values = torch.where(values == 0, torch.zeros((), dtype=values.dtype), values)  # -0.0 -> +0.0
+    width = _packed_width(max(1, math.ceil(math.log2(m))))
+    packed = pack_bits(_np(order.reshape(-1)).astype(np.uint8), width) if width < 8 else _np(order.reshape(-1)).astype(np.uint8)
+    return Encoded("nm", tuple(t.shape), t.dtype,
+                   {"values": values.reshape(-1).contiguous(), "positions": torch.from_numpy(packed)},
+                   {"n": n, "m": m, "bits": width})
+
+
+def decode_nm(e: Encoded) -> torch.Tensor:
+    n, m, width = int(e.info["n"]), int(e.info["m"]), int(e.info["bits"])
+    rows, cols = e.shape[0], math.prod(e.shape[1:])
+    if cols % m or not (0 < n <= m):
+        raise BrainsurgeonError(f"an N:M encoding with N={n}, M={m} does not fit rows of {cols} inputs")
+    count = rows * (cols // m) * n
+    values = e.parts["values"]
+    if values.numel() != count:
+        raise BrainsurgeonError(f"N:M tensor holds {values.numel()} values, {count} expected")
+    raw = _np(e.parts["positions"])
+    pos = unpack_bits(raw, width, count) if width < 8 else raw[:count]
+    if len(pos) != count or (count and int(pos.max()) >= m):
+        raise BrainsurgeonError(f"N:M positions are missing or fall outside a group of {m}")
+    out = torch.zeros(rows, cols // m, m, dtype=e.dtype)
+    out.scatter_(-1, torch.from_numpy(pos.astype(np.int64)).reshape(rows, cols // m, n), values.reshape(rows, cols // m, n))
+    return out.reshape(e.shape)
+
+
+# ----------------------------------------------------------------------------- choice
+def encode_dense(t: torch.Tensor) -> Encoded:
+    return Encoded("dense", tuple(t.shape), t.dtype, {"data": t.detach().cpu().contiguous()})
+
+
+def encode_best(t: torch.Tensor) -> Encoded:
+    """Encode ``t`` in the smallest of dense / CSR / delta (4, 8, 16 bits) / packed N:M.
+
+    Only floating tensors of two or more dimensions (weights) are candidates for a sparse encoding.
+    """
+    dense = encode_dense(t)
+    if t.dim() < 2 or not t.is_floating_point() or t.numel() == 0:
+        return dense
+    candidates = [dense, encode_csr(t)]
+    pos = _np((t.reshape(-1) != 0).nonzero().reshape(-1))
+    sizes = {bits: delta_size(pos, bits, t.element_size()) for bits in DELTA_BITS}
+    best_bits = min(sizes, key=sizes.get)
+    if sizes[best_bits] < min(c.nbytes for c in candidates):
+        candidates.append(encode_delta(t, best_bits))
+    for m in NM_GROUP_SIZES:
+        n = nm_pattern(t, m)
+        if n is not None and n < m and nm_size(t, max(n, 1), m) < min(c.nbytes for c in candidates):
+            candidates.append(encode_nm(t, max(n, 1), m))
+    return min(candidates, key=lambda c: c.nbytes)
+
+
+DECODERS = {"csr": decode_csr, "delta": decode_delta, "nm": decode_nm, "dense": lambda e: e.parts["data"]}
+PARTS = {"csr": ("values", "row_ptr", "col_idx"), "delta": ("values", "gaps"), "nm": ("values", "positions"),
+         "dense": ("data",)}
+
+
+def decode(e: Encoded) -> torch.Tensor:
+    if e.encoding not in DECODERS:
+        raise BrainsurgeonError(f"unknown tensor encoding {e.encoding!r}; this file needs a newer brainsurgeon")
+    missing = [p for p in PARTS[e.encoding] if p not in e.parts]
+    if missing:
+        raise BrainsurgeonError(f"a {e.encoding} tensor is missing its parts {missing}: the file is damaged")
+    for p in ("values", "data"):
+        if p in e.parts and e.parts[p].dtype != e.dtype:
+            raise BrainsurgeonError(f"stored values are {e.parts[p].dtype}, the header says {e.dtype}: the file is damaged")
+    out = DECODERS[e.encoding](e)
+    if tuple(out.shape) != tuple(e.shape):
+        raise BrainsurgeonError(f"a {e.encoding} tensor decodes to shape {tuple(out.shape)}, the header says {e.shape}")
+    return out

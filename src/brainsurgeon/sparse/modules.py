@@ -1,0 +1,132 @@
+"""Inference-only sparse replacements for pruned ``nn.Linear`` and ``nn.Conv2d`` layers.
+
+Each keeps its pruned weight as CSR and computes ``W @ X^T`` with one engine of :mod:`.kernels`.
+A convolution is lowered to that product by unfolding its input into patches (im2col): for an
+input (B, C, H, W) the patches form ``X^T`` of shape (C*kh*kw, B*L), L output positions, and the
+sparse weight (out x C*kh*kw) multiplies them directly. The unfold costs memory and time that a
+direct sparse convolution would avoid, which is why ``to_sparse`` times the result against the
+dense convolution and keeps the dense one where it is faster.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import CSR, get_engine
+
+
+class SparseModule(nn.Module):
+    """Common part: the CSR weight, the engine's prepared state, the bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str):
+        super().__init__()
+        self.weight_shape = tuple(weight.shape)
+        self.csr = CSR.from_dense(weight)
+        self.engine = engine
+        self._state = get_engine(engine).prepare(self.csr)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def __deepcopy__(self, memo):
+        # torch's sparse tensors and scipy/numba states do not all deep-copy: rebuild the state instead
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_state":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._state = get_engine(new.engine).prepare(new.csr)
+        return new
+
+    def dense_parameters(self) -> dict[str, torch.Tensor]:
+        """``weight`` (and ``bias``) as the dense layer held them, for saving and ONNX export."""
+        out = {"weight": self.csr.to_dense().reshape(self.weight_shape)}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach().clone()
+        return out
+
+    def to_dense_layer(self) -> nn.Module:
+        """The equivalent dense layer (for export and saving)."""
+        layer = self._dense_layer()
+        layer.load_state_dict(self.dense_parameters())
+        return layer.eval()
+
+    def matmul_t(self, xt: torch.Tensor) -> torch.Tensor:
+        """``W @ xt`` for ``xt`` of shape (in, n), float32."""
+        with torch.no_grad():
+            return get_engine(self.engine).apply(self._state, xt.to(torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"shape={self.weight_shape}, nnz={self.csr.nnz}, sparsity={self.csr.sparsity:.3f}, engine={self.engine}"
+
+
+class SparseLinear(SparseModule):
+    def __init__(self, linear: nn.Linear, engine: str = "numba_csr"):
+        super().__init__(linear.weight, linear.bias, engine)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def _dense_layer(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, self.in_features).t()
+        y = self.matmul_t(xt).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+class SparseConv2d(SparseModule):
+    """A Conv2d with ``groups == 1`` and zero padding, as unfold + sparse matrix product."""
+
+    def __init__(self, conv: nn.Conv2d, engine: str = "numba_csr"):
+        super().__init__(conv.weight, conv.bias, engine)
+        self.out_channels = conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.pad = _explicit_padding(conv)  # (left, right, top, bottom), as F.pad takes it
+        self.config = dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                           stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None)
+
+    def _dense_layer(self) -> nn.Conv2d:
+        return nn.Conv2d(**self.config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.pad):
+            x = F.pad(x, self.pad)
+        b = x.shape[0]
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)  # (B, C*kh*kw, L)
+        h_out, w_out = (_out_size(x.shape[2 + i], self.kernel_size[i], self.stride[i], self.dilation[i]) for i in (0, 1))
+        xt = cols.permute(1, 0, 2).reshape(cols.shape[1], -1)  # (C*kh*kw, B*L)
+        y = self.matmul_t(xt).reshape(self.out_channels, b, h_out * w_out).permute(1, 0, 2)
+        y = y.reshape(b, self.out_channels, h_out, w_out)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+
+def _out_size(size: int, k: int, s: int, d: int) -> int:
+    return (size - d * (k - 1) - 1) // s + 1
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":  # stride 1 only (torch's rule); the extra pixel goes right/bottom as torch does
+        pads = []
+        for i in (1, 0):
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def conv_unsupported(conv: nn.Conv2d) -> str | None:
+    """Why a Conv2d cannot become a SparseConv2d (None if it can)."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (grouped/depthwise convolution) is kept dense"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} is kept dense"
+    return None
