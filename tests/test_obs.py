@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from brainsurgeon.curvature.inverse import outer_product_inverse, solve_spd, woo
 from brainsurgeon.curvature.per_sample import PerSampleVectors
 from brainsurgeon.data import Calibration
 from brainsurgeon.errors import BrainsurgeonError, MemoryBudgetError
-from brainsurgeon.pruners.obs import obs_joint_update, obs_saliency, obs_single_update, relative_damping
+from brainsurgeon.pruners.obs import obs_joint_update, obs_saliency, obs_single_update, relative_damping, two_pass
 from brainsurgeon.targets import find_targets
 
 from conftest import fit, tiny_data, tiny_mlp
@@ -152,6 +153,19 @@ def test_zero_curvature_damping_falls_back_and_is_recorded():
     lam = relative_damping(torch.tensor([0.0, 2.0]), 0.1, numerics, "x")
     assert lam.tolist() == [0.1, pytest.approx(0.2)]
     assert numerics.fallbacks and "zero curvature" in numerics.fallbacks[0]
+
+
+def test_second_pass_sees_the_same_sampled_fisher_labels(mlp_case):
+    # relative damping streams the vectors twice; the "fisher" labels must be the same both times
+    model, data = mlp_case
+    gen = torch.Generator().manual_seed(0)
+    psv = PerSampleVectors(
+        model, find_targets(model), Calibration.from_data(data, batch_size=16), nn.CrossEntropyLoss(), "fisher", gen
+    )
+    again = two_pass(SimpleNamespace(generator=gen), psv)
+    first = torch.cat(list(psv))
+    assert torch.equal(torch.cat(list(again())), first)
+    assert not torch.equal(torch.cat(list(psv)), first)  # without the rewind the labels differ
 
 
 # --- bs.prune(method="obs") -----------------------------------------------------------------------

@@ -179,3 +179,14 @@ def test_bad_options_are_clear_errors(mlp_case, opts):
     model, data = mlp_case
     with pytest.raises(BrainsurgeonError):
         bs.prune(model, data, "woodfisher", 0.5, **opts)
+
+
+@pytest.mark.parametrize("method", ["obs", "woodfisher"])
+def test_conv_layers_are_pruned_to_exact_counts(cnn_case, method):
+    model, data = cnn_case
+    res = bs.prune(model, data, method, 0.6)
+    for name, mask in res.masks.items():
+        w = res.model.get_submodule(name).weight
+        assert int((~mask).sum()) == round(0.6 * mask.numel())
+        assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
+        assert torch.isfinite(w).all()

@@ -8,3 +8,7 @@ __version__ = "0.1.0"
 from .sparse import load, save, to_sparse  # noqa: E402
 
 __all__ += ["save", "load", "to_sparse"]
+from .finetune import FineTune, finetune  # noqa: E402
+from .sensitivity import sensitivity  # noqa: E402
+
+__all__ += ["FineTune", "finetune", "sensitivity"]

@@ -19,7 +19,7 @@ from .progress import progress_enabled
 from .registry import get_method
 from .targets import LayerSpec, find_targets
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 
 
 @dataclass
@@ -164,6 +164,10 @@ def prune(
     device: str | torch.device = "cpu",
     batch_size: int = 128,
     progress: bool | None = None,
+    schedule: str = "oneshot",
+    steps: int | None = None,
+    finetune=None,
+    compact: bool | None = None,
     **method_options,
 ) -> PruneResult:
     """Prune a copy of ``model`` with ``method`` to ``sparsity``; ``model`` itself is left untouched.
@@ -174,7 +178,11 @@ def prune(
             ``(inputs, targets)`` tuple of tensors; at most ``num_samples`` samples are used.
         method: a registered method (``bs.methods()`` lists them).
         sparsity: the fraction of prunable weights to remove, in [0, 1).
-        structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"``.
+        structure: ``"unstructured"``, an N:M pattern such as ``"2:4"``, or ``"channel"``: remove the
+            fraction ``sparsity`` of the output units (neurons, filters) with a structured method
+            (see :mod:`brainsurgeon.structured`).
+        compact: with ``structure="channel"``: return a physically smaller model (default) or,
+            with ``False``, the same architecture with the removed units zeroed.
         allocation: ``"uniform"`` (the same sparsity in every layer) or ``"global"`` (one threshold
             over comparable saliencies, no layer above ``max_layer_sparsity``).
         loss_fn: ``loss(outputs, targets)``, a mean over the batch; cross-entropy by default.
@@ -183,11 +191,67 @@ def prune(
             every Linear and Conv2d weight.
         seed: seeds every random choice; same inputs and seed give the same result.
         progress: show progress bars (default: when stderr is a terminal).
+        schedule: ``"oneshot"``, ``"iterative"`` (geometric targets), ``"iterative-linear"`` or
+            ``"gradual"`` (Zhu & Gupta 2017), over ``steps`` rounds; see :mod:`brainsurgeon.schedules`.
+        finetune: a :class:`~brainsurgeon.finetune.FineTune`: fine-tune with the masks held after
+            pruning (its epochs are the total budget, spread over the rounds of a schedule).
         **method_options: options of the method itself (see its docstring).
+
+    ``allocation="sensitivity"`` measures each layer's sensitivity with ``method`` first and picks
+    per-layer sparsities meeting the overall target with the least predicted loss increase.
 
     Returns:
         :class:`PruneResult` with ``model`` (same architecture, pruned weights exactly zero),
         ``masks`` and ``report``.
+    """
+    if structure == "channel":
+        if schedule != "oneshot" or finetune is not None or steps is not None:
+            raise BrainsurgeonError("structure='channel' prunes one-shot: leave schedule, steps and finetune out")
+        from .structured.engine import prune_channels
+
+        return prune_channels(
+            model, data, method, sparsity, allocation=allocation, max_layer_sparsity=max_layer_sparsity,
+            loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
+            batch_size=batch_size, progress=progress, compact=True if compact is None else compact,
+            method_options=method_options,
+        )
+    if compact is not None:
+        raise BrainsurgeonError("compact= applies to structure='channel' only (whole units removed)")
+    from .schedules import run_schedule
+
+    return run_schedule(
+        model, data, method, sparsity, schedule=schedule, steps=steps, finetune=finetune, structure=structure,
+        allocation=allocation, max_layer_sparsity=max_layer_sparsity, loss_fn=loss_fn, num_samples=num_samples,
+        damping=damping, layers=layers, seed=seed, device=device, batch_size=batch_size, progress=progress,
+        **method_options,
+    )
+
+
+def prune_step(
+    model: nn.Module,
+    data,
+    method: str = "magnitude",
+    sparsity: float | None = None,
+    *,
+    structure: str = "unstructured",
+    allocation: str = "uniform",
+    max_layer_sparsity: float = 0.99,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    num_samples: int = 1024,
+    damping: float | None = None,
+    layers: LayerSpec = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    progress: bool | None = None,
+    prior_masks: dict[str, torch.Tensor] | None = None,
+    layer_sparsity: dict[str, float] | None = None,
+    **method_options,
+) -> PruneResult:
+    """One pruning pass (what ``prune`` does for ``schedule="oneshot"`` without fine-tuning).
+
+    ``prior_masks``: weights pruned by an earlier round stay pruned and count towards this round's
+    target. ``layer_sparsity``: per-layer targets (the sensitivity allocation), for saliency methods.
     """
     t_start = time.perf_counter()
     # 1. Everything that can be wrong with the arguments, before any work.
@@ -195,6 +259,8 @@ def prune(
         method, sparsity, structure, allocation, max_layer_sparsity, num_samples, damping, seed, device, batch_size
     )
     method_cls = _method_class(method)
+    if "unstructured" not in method_cls.structures:
+        raise BrainsurgeonError(f"method {method!r} removes whole units: use structure='channel'")
     if opts.structure.is_nm and not method_cls.supports_nm:
         nm_methods = sorted(n for n, c in _all_methods().items() if c.supports_nm)
         raise BrainsurgeonError(
@@ -226,7 +292,12 @@ def prune(
     # 3. Prune. Global RNG state is forked so the user's generator is not advanced.
     with torch.random.fork_rng(devices=[] if opts.device.type == "cpu" else [opts.device]):
         torch.manual_seed(opts.seed)
-        masks = algo.run(ctx)
+        if prior_masks is None and layer_sparsity is None:
+            masks = algo.run(ctx)
+        else:
+            from .schedules import run_constrained
+
+            masks = run_constrained(algo, ctx, prior_masks, layer_sparsity)
     missing = {t.name for t in targets} - set(masks)
     if missing:
         raise RuntimeError(f"method {method!r} returned no mask for {sorted(missing)}")  # a bug, not bad input

@@ -1,4 +1,4 @@
-"""Reference models (LeNet-300-100, LeNet-5, a small ResNet) and model specs.
+"""Reference models (LeNet-300-100, LeNet-5, a small ResNet, VGG-, MobileNet- and concat-style nets) and specs.
 
 A *spec* is a JSON-able dict that rebuilds a model's architecture:
 ``{"arch": "lenet300", "kwargs": {...}}`` for a reference model, or
@@ -93,10 +93,77 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
+class SmallVGG(nn.Module):
+    """A VGG-style net (Simonyan & Zisserman 2015): 3x3 conv-BN-ReLU stages with max-pooling, MLP head."""
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, widths=(16, 32), hidden: int = 64):
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = []
+        for width in widths:
+            layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, *input_shape)).numel()
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(n, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class SmallMobileNet(nn.Module):
+    """MobileNet-style (Howard et al. 2017): a stem, depthwise-separable blocks (3x3 depthwise
+    conv-BN-ReLU, 1x1 pointwise conv-BN-ReLU), global pooling, linear head."""
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, widths=(16, 32, 64)):
+        super().__init__()
+        c = widths[0]
+        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        blocks: list[nn.Module] = []
+        for i, width in enumerate(widths[1:]):
+            blocks += [
+                nn.Conv2d(c, c, 3, 2 if i else 1, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            ]
+            c = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
+class ConcatNet(nn.Module):
+    """Inception-style branches joined by ``torch.cat`` (Szegedy et al. 2015): a 1x1 and a 3x3
+    branch on the stem, concatenated, BN-ReLU, one more conv, global pooling, linear head."""
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(input_shape[0], width, 3, padding=1)
+        self.branch1 = nn.Conv2d(width, width, 1)
+        self.branch3 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3 * width)
+        self.conv = nn.Conv2d(3 * width, 2 * width, 3, padding=1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.bn(torch.cat([self.branch1(x), self.branch3(x)], dim=1)))
+        x = torch.relu(self.conv(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "lenet300": LeNet300,
     "lenet5": LeNet5,
     "resnet": SmallResNet,
+    "vgg": SmallVGG,
+    "mobilenet": SmallMobileNet,
+    "concat": ConcatNet,
 }
 
 

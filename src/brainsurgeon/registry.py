@@ -37,6 +37,7 @@ def _load_builtin() -> None:
     import importlib
 
     importlib.import_module("brainsurgeon.pruners")
+    importlib.import_module("brainsurgeon.structured.methods")  # structure="channel" criteria
 
 
 def get_method(name: str) -> type["PruningMethod"]:

@@ -14,7 +14,7 @@ app = typer.Typer(
 )
 
 # Command modules, each adding its commands to `app` when imported.
-COMMAND_MODULES = ("brainsurgeon.cli.core", "brainsurgeon.cli.export")
+COMMAND_MODULES = ("brainsurgeon.cli.core", "brainsurgeon.cli.export", "brainsurgeon.cli.pipeline")
 
 
 def main() -> None:

@@ -3,3 +3,4 @@ from . import baselines  # noqa: F401
 from . import obs, woodfisher  # noqa: F401
 from . import obd, kfac  # noqa: F401
 from . import obc, sparsegpt, wanda  # noqa: F401
+from . import greedy  # noqa: F401

@@ -103,6 +103,8 @@ def obc_prune(
     group of M greedily (a full group is no longer a candidate).
     """
     rows, d = w.shape
+    if count == 0 and not structure.is_nm:
+        return w.clone(), torch.ones_like(w, dtype=torch.bool)
     dtype = torch.float64  # hundreds of rank-1 downdates: float32 would drift
     hinv = cholesky_inverse(hessian).to(dtype)
     chunk = chunk_rows or max(1, min(rows, CHUNK_BYTES // (8 * d * d)))

@@ -1,0 +1,171 @@
+"""The structured path of ``bs.prune(..., structure="channel")``.
+
+Same validation, working copy and report frame as the unstructured engine; in between: build the
+dependency groups, let the method allocate and select units, let it compensate, then either
+slice the model (``compact=True``, the default) or zero the removed units (``compact=False``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import torch
+from torch import nn
+
+from ..allocation import Structure
+from ..context import PruneContext
+from ..data import Calibration
+from ..errors import BrainsurgeonError
+from ..progress import progress_enabled
+from ..targets import find_targets
+from .compact import compact as compact_model
+from .groups import GroupSet, StructuredContext, StructuredMethod, build_groups, example_input
+from .latency import cost
+from .masking import apply_masks
+
+CHANNEL = Structure("channel")
+
+
+def structured_methods() -> list[str]:
+    from ..engine import _all_methods
+
+    return sorted(n for n, c in _all_methods().items() if "channel" in c.structures)
+
+
+def prune_channels(
+    model: nn.Module, data, method: str, sparsity, *, allocation: str, max_layer_sparsity, loss_fn,
+    num_samples, damping, layers, seed, device, batch_size, progress, compact: bool, method_options: dict,
+):
+    """Remove the fraction ``sparsity`` of the output units of the prunable layers; see ``bs.prune``."""
+    from ..engine import PruneResult, _check_data_fits, _method_class, build_options
+
+    t_start = time.perf_counter()
+    opts = build_options(
+        method, sparsity, "unstructured", allocation, max_layer_sparsity, num_samples, damping, seed, device, batch_size
+    )
+    if allocation not in ("uniform", "global"):
+        raise BrainsurgeonError(f"structure='channel' supports allocation 'uniform' or 'global', got {allocation!r}")
+    opts = dataclasses.replace(opts, structure=CHANNEL)
+    method_cls = _method_class(method)
+    if "channel" not in method_cls.structures or not issubclass(method_cls, StructuredMethod):
+        raise BrainsurgeonError(
+            f"method {method!r} prunes single weights, not whole units; structure='channel' needs a structured "
+            f"method: {', '.join(structured_methods())}"
+        )
+    if not isinstance(compact, bool):
+        raise BrainsurgeonError(f"compact must be True (a smaller model) or False (zeroed units), got {compact!r}")
+    if not isinstance(model, nn.Module):
+        raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    algo = method_cls.create(**method_options)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    if not callable(loss_fn):
+        raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")
+    find_targets(model, layers)  # fail fast on bad layer patterns, before copying
+
+    work = copy.deepcopy(model).to(opts.device).eval()
+    targets = find_targets(work, layers)
+    calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
+    _check_data_fits(work, calib, loss_fn)
+    ctx = PruneContext(
+        model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,
+        generator=torch.Generator(opts.device if opts.device.type == "cuda" else "cpu").manual_seed(opts.seed),
+        show_progress=progress_enabled(progress),
+    )
+    algo.validate(ctx)
+    with ctx.timer("groups"):
+        groups = build_groups(work, example_input(calib), {t.name for t in targets}, explicit=layers is not None)
+    if not len(groups):
+        raise BrainsurgeonError(
+            "no layer can lose units: " + "; ".join(f"{k}: {v}" for k, v in groups.fixed.items())
+            + ". Structured pruning needs hidden Linear/Conv2d layers"
+        )
+    sctx = StructuredContext(ctx, groups)
+    algo.check(sctx)
+    sample_shape = tuple(calib.batches[0][0].shape[1:])
+    before = cost(work, sample_shape, opts.device)
+    units_before = {g.name: g.num_units for g in groups}
+    shapes_before = {n: list(m.weight.shape) for n, m in work.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+    with torch.random.fork_rng(devices=[] if opts.device.type == "cpu" else [opts.device]):
+        torch.manual_seed(opts.seed)
+        counts, capped = algo.allocate(sctx)
+        with ctx.timer("solve"):
+            keep = algo.select(sctx, counts)
+        _check_keep(groups, keep, counts, method)
+        algo.compensate(sctx, keep)
+    if compact:
+        compact_model(groups, keep)
+    else:
+        apply_masks(groups, keep)
+    for p in work.parameters():
+        if not torch.isfinite(p).all():
+            raise RuntimeError(f"method {method!r} produced non-finite weights")
+
+    after = cost(work, sample_shape, opts.device)
+    report = _report(ctx, algo, groups, keep, units_before, capped, before, after, shapes_before, compact, layers, t_start)
+    work.train(model.training)
+    return PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in keep.items()})
+
+
+def _check_keep(groups: GroupSet, keep: dict[str, torch.Tensor], counts: dict[str, int], method: str) -> None:
+    """The method's masks must remove exactly the allocated units and never empty a group (bugs)."""
+    for g in groups:
+        k = keep.get(g.name)
+        if k is None or k.shape != (g.num_units,) or k.dtype != torch.bool:
+            raise RuntimeError(f"method {method!r} returned no unit mask of shape ({g.num_units},) for {g.name}")
+        if int((~k).sum()) != counts[g.name] or not k.any():
+            raise RuntimeError(f"method {method!r} removed {int((~k).sum())} units of {g.name}, not {counts[g.name]}")
+
+
+def _report(ctx, algo, groups, keep, units_before, capped, before, after, shapes_before, compact, layers, t_start):
+    opts = ctx.options
+    group_rep = {}
+    for g in groups:
+        kept = int(keep[g.name].sum())
+        group_rep[g.name] = {
+            "layers": {m.name: m.role for m in g.members},
+            "units_before": units_before[g.name],
+            "units_after": kept,
+            "removed": units_before[g.name] - kept,
+            "capped": g.name in capped,
+        }
+    total = sum(units_before.values())
+    removed = sum(r["removed"] for r in group_rep.values())
+    layer_rep = {}
+    for name, m in ctx.model.named_modules():
+        if name in shapes_before:
+            shape = list(m.weight.shape)
+            zero_rows = int((m.weight.detach().reshape(shape[0], -1) == 0).all(1).sum())
+            layer_rep[name] = {"shape_before": shapes_before[name], "shape_after": shape, "zero_units": zero_rows}
+    timings = {f"{k}_s": v for k, v in ctx.timer.seconds.items()}
+    timings["total_s"] = time.perf_counter() - t_start
+    notes = []
+    if capped:
+        notes.append(
+            f"cap bound in {', '.join(capped)}: at least one unit (and at most max_layer_sparsity of the units) "
+            "stays in every layer"
+        )
+    return {
+        "method": algo.name,
+        "method_options": algo.options(),
+        "options": {
+            "sparsity": opts.sparsity, "structure": "channel", "allocation": opts.allocation,
+            "max_layer_sparsity": opts.max_layer_sparsity, "num_samples": ctx.calib.num_samples,
+            "damping": opts.damping, "layers": layers, "seed": opts.seed, "device": str(opts.device),
+            "compact": compact,
+        },
+        "overall": {
+            "target_sparsity": opts.sparsity, "achieved_sparsity": removed / total if total else 0.0,
+            "units": total, "removed_units": removed,
+        },
+        "groups": group_rep,
+        "capped": list(capped),
+        "fixed": dict(groups.fixed),
+        "layers": layer_rep,
+        "cost": {"before": before, "after": after},
+        "notes": notes,
+        "timings": timings,
+        "numerics": {"damping": ctx.numerics.damping, "fallbacks": ctx.numerics.fallbacks},
+        **ctx.extra_report,
+    }
