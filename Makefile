@@ -27,6 +27,12 @@ bench-oneshot: $(STAMP)
 bench-layer-speed: $(STAMP)
 	$(PY) benchmarks/layer_speed.py
 
+bench-structured: $(STAMP)
+	$(PY) benchmarks/structured.py
+
+bench-finetune: $(STAMP)
+	$(PY) benchmarks/finetune.py
+
 bench-sparse: $(STAMP)
 	$(PY) benchmarks/sparse.py
 

@@ -83,9 +83,12 @@ def run_peer(model, data, sparsity: float, seed: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="magnitude,obd", help="brainsurgeon methods for the pruning step")
+    p.add_argument("--methods", default="magnitude", help="brainsurgeon methods for the pruning step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     data = dataset("fashion-mnist")
     rows, notes = [], []

@@ -53,7 +53,10 @@ def fit(model: nn.Module, data, steps: int = 30) -> nn.Module:
 
 
 def all_methods() -> list[str]:
-    return sorted(bs.methods())
+    """Methods that prune single weights (structure="channel" ones: tests/test_structured_*)."""
+    from brainsurgeon.registry import get_method
+
+    return sorted(m for m in bs.methods() if "unstructured" in get_method(m).structures)
 
 
 def nm_methods() -> list[str]:

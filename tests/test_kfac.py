@@ -270,7 +270,7 @@ def test_conv_model(method):
 def test_kfac_obs_compensation_lowers_the_loss(trained):
     model, digits = trained
     calib = (digits.train[0][:512], digits.train[1][:512])
-    res = bs.prune(model, calib, "kfac-obs", 0.6, num_samples=512, steps=3)
+    res = bs.prune(model, calib, "kfac-obs", 0.6, num_samples=512, obs_steps=3)
     masked = copy.deepcopy(model)
     with torch.no_grad():
         for t in find_targets(masked):
@@ -285,8 +285,8 @@ def test_kfac_obs_compensation_lowers_the_loss(trained):
 
 def test_bad_options_and_layers(trained):
     model, digits = trained
-    with pytest.raises(BrainsurgeonError, match="steps"):
-        bs.prune(model, digits.train, "kfac-obs", 0.5, steps=0)
+    with pytest.raises(BrainsurgeonError, match="obs_steps"):
+        bs.prune(model, digits.train, "kfac-obs", 0.5, obs_steps=0)
     with pytest.raises(BrainsurgeonError, match="fisher"):
         bs.prune(model, digits.train, "kfac-obd", 0.5, fisher="exactly")
     grouped = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(32, 10))
@@ -316,5 +316,5 @@ def test_true_fisher_needs_cross_entropy_and_other_losses_work(trained):
     data = (digits.train[0][:128], torch.randn(128, 10))
     with pytest.raises(BrainsurgeonError, match="fisher='exact' or 'empirical'"):
         bs.prune(model, data, "kfac-obs", 0.5, loss_fn=nn.MSELoss())
-    res = bs.prune(model, data, "kfac-obs", 0.5, loss_fn=nn.MSELoss(), fisher="exact", steps=2)
+    res = bs.prune(model, data, "kfac-obs", 0.5, loss_fn=nn.MSELoss(), fisher="exact", obs_steps=2)
     check_masks(res, 0.5, "uniform")

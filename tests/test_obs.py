@@ -174,7 +174,7 @@ def test_second_pass_sees_the_same_sampled_fisher_labels(mlp_case):
 def test_prune_obs_exact_sparsity_zeros_and_untouched_input(mlp_case, allocation):
     model, data = mlp_case
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = bs.prune(model, data, "obs", 0.6, allocation=allocation, max_layer_sparsity=0.8, steps=3)
+    res = bs.prune(model, data, "obs", 0.6, allocation=allocation, max_layer_sparsity=0.8, obs_steps=3)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     total = sum(m.numel() for m in res.masks.values())
@@ -210,7 +210,7 @@ def test_one_step_prediction_equals_quadratic_model_of_the_run(mlp_case):
     model, (x, y) = mlp_case
     model = copy.deepcopy(model).double()  # .double() is in place: never on the shared fixture
     x = x.double()
-    res = bs.prune(model, (x, y), "obs", 0.3, layers=["4"], steps=1, damping=1e-2)
+    res = bs.prune(model, (x, y), "obs", 0.3, layers=["4"], obs_steps=1, damping=1e-2)
     w0, w1 = model[4].weight.detach().reshape(-1), res.model[4].weight.detach().reshape(-1)
     dw = w1 - w0
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -267,7 +267,7 @@ def test_memory_budget_error_is_raised_before_any_work(mlp_case, monkeypatch):
     assert "woodfisher" in msg and "sparsegpt" in msg
 
 
-@pytest.mark.parametrize("opts", [{"curvature": "hessian"}, {"steps": 0}, {"max_memory_bytes": -1}, {"block_size": 4}])
+@pytest.mark.parametrize("opts", [{"curvature": "hessian"}, {"obs_steps": 0}, {"max_memory_bytes": -1}, {"block_size": 4}])
 def test_bad_options_are_clear_errors(mlp_case, opts):
     model, data = mlp_case
     with pytest.raises(BrainsurgeonError):

@@ -134,7 +134,7 @@ def test_one_block_covering_a_layer_is_full_obs(mlp_case):
     model, (x, y) = mlp_case
     model = copy.deepcopy(model).double()
     x = x.double()
-    kw = dict(layers=["4"], steps=3, damping=1e-2)
+    kw = dict(layers=["4"], obs_steps=3, damping=1e-2)
     wf = bs.prune(model, (x, y), "woodfisher", 0.6, block_size=32, **kw)
     obs = bs.prune(model, (x, y), "obs", 0.6, curvature="empirical", **kw)
     assert torch.equal(wf.masks["4"], obs.masks["4"])
@@ -174,7 +174,7 @@ def test_memory_budget_error_before_any_work(mlp_case, monkeypatch):
     assert "4096" in str(err.value)
 
 
-@pytest.mark.parametrize("opts", [{"block_size": 0}, {"curvature": "ggn"}, {"steps": 1.5}, {"max_memory_bytes": True}])
+@pytest.mark.parametrize("opts", [{"block_size": 0}, {"curvature": "ggn"}, {"obs_steps": 1.5}, {"max_memory_bytes": True}])
 def test_bad_options_are_clear_errors(mlp_case, opts):
     model, data = mlp_case
     with pytest.raises(BrainsurgeonError):

@@ -1,9 +1,13 @@
-"""The demo (``make demo`` / ``python -m brainsurgeon.demo``): one-shot pruning of LeNet-300-100 on digits.
+"""The demo (``make demo`` / ``python -m brainsurgeon.demo``): the whole pipeline on LeNet-300-100.
 
-Trains LeNet-300-100 on scikit-learn's bundled 8x8 digits for a few seconds, then prunes the same
-trained network one-shot (no fine-tuning) with every main registered method at several sparsities
-with uniform allocation, and prints test accuracy and wall-clock time per cell. Writes
-``report.json`` and ``report.md`` to ``--out`` (default ``runs/demo``), atomically.
+Trains LeNet-300-100 (on Fashion-MNIST when its idx files are installed in
+/usr/share/datasets/fashion-mnist, otherwise on scikit-learn's bundled 8x8 digits), then prunes the
+same trained network with the main registered methods at several sparsities, one-shot and then
+with a short fine-tuning (masks held), and prints test accuracy per cell. Then it shows the other
+pipeline pieces on one method: per-layer sensitivity curves, and a gradual schedule (Zhu & Gupta)
+with fine-tuning between rounds. Writes to ``--out`` (default ``runs/demo``): ``report.json``,
+``report.md``, ``accuracy_vs_sparsity.png``, ``sensitivity.png`` and ``gradual/`` (the schedule's
+report with its per-layer sparsity and per-round plots).
 """
 from __future__ import annotations
 
@@ -18,33 +22,38 @@ from rich.console import Console
 from rich.table import Table
 
 import brainsurgeon as bs
-from brainsurgeon.data import load_digits
+from brainsurgeon.data import fashion_mnist_available, load_digits, load_fashion_mnist
 from brainsurgeon.errors import BrainsurgeonError
 from brainsurgeon.evaluate import evaluate
 from brainsurgeon.io import write_json, write_text
 from brainsurgeon.models import build_model, make_spec
 from brainsurgeon.progress import progress_enabled
+from brainsurgeon.reports import (
+    compare_methods, comparison_markdown, plot_accuracy_vs_sparsity, plot_sensitivity, write_run_report,
+)
 from brainsurgeon.train import train_model
 
 # The methods the demo compares, in the order of the table (those registered are used).
-MAIN_METHODS = ("magnitude", "random", "obd", "kfac-obd", "kfac-obs", "woodfisher", "obc", "sparsegpt", "wanda")
+MAIN_METHODS = ("magnitude", "random", "obd", "kfac-obd", "woodfisher", "obc", "sparsegpt", "wanda")
 SPARSITIES = (0.5, 0.8, 0.9)
+# Training settings per data set: (epochs, lr, batch size); measured to train in seconds on 2 cores.
+TRAINING = {"digits": (30, 3e-3, 64), "fashion-mnist": (3, 1e-3, 128)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m brainsurgeon.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="directory for report.json and report.md")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
     p.add_argument("--quiet", action="store_true", help="print only the path of the report")
+    p.add_argument("--data", choices=("auto", "digits", "fashion-mnist"), default="auto",
+                   help="auto: Fashion-MNIST when installed, else digits")
     p.add_argument("--methods", default=",".join(MAIN_METHODS), help="comma-separated methods (registered ones are run)")
     p.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="comma-separated sparsities")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs on digits")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default per data set)")
+    p.add_argument("--finetune-epochs", type=float, default=1.0, help="fine-tuning epochs per cell (0: one-shot only)")
+    p.add_argument("--finetune-samples", type=int, default=10000, help="training samples used for fine-tuning")
     p.add_argument("--num-samples", type=int, default=512, help="calibration samples for each method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads", type=int, default=1,
-        help="torch threads (default 1: the demo's matrices are small, and on a busy machine extra "
-        "OpenMP threads spin-wait; measured 46 s -> 8.5 s for the training on 2 busy cores)",
-    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     return p.parse_args(argv)
 
 
@@ -65,77 +74,49 @@ def _methods(text: str) -> tuple[list[str], list[str]]:
     return [m for m in asked if m in registered], [m for m in asked if m not in registered]
 
 
-def train_reference(epochs: int, seed: int, progress: bool):
-    """LeNet-300-100 (64-300-100-10 on 8x8 inputs) trained with Adam; returns (model, spec, data, seconds)."""
-    ds = load_digits(seed=seed)
+def load_data(choice: str, seed: int):
+    if choice == "fashion-mnist" or (choice == "auto" and fashion_mnist_available()):
+        return load_fashion_mnist()
+    return load_digits(seed=seed)
+
+
+def train_reference(ds, epochs: int | None, seed: int, progress: bool):
+    """LeNet-300-100 trained with Adam; returns (model, spec, seconds, epochs)."""
+    default_epochs, lr, batch = TRAINING[ds.name]
+    epochs = default_epochs if epochs is None else epochs
     spec = make_spec("lenet300", input_shape=ds.input_shape, num_classes=ds.num_classes)
     torch.manual_seed(seed)
     model = build_model(spec)
     t0 = time.perf_counter()
-    train_model(model, ds.train, epochs=epochs, lr=3e-3, batch_size=64, seed=seed, progress=progress)
-    return model, spec, ds, time.perf_counter() - t0
+    train_model(model, ds.train, epochs=epochs, lr=lr, batch_size=batch, seed=seed, progress=progress)
+    return model, spec, time.perf_counter() - t0, epochs
 
 
-def run_cell(model, ds, method: str, sparsity: float, num_samples: int, seed: int, progress: bool) -> dict:
-    """Prune one copy of ``model`` and measure it; a refusal (bad input, memory budget) is recorded, not hidden."""
-    t0 = time.perf_counter()
-    try:
-        res = bs.prune(model, ds.train, method, sparsity, num_samples=num_samples, seed=seed, progress=progress)
-    except BrainsurgeonError as e:
-        return {"method": method, "sparsity": sparsity, "error": str(e)}
-    seconds = time.perf_counter() - t0
-    metrics = evaluate(res.model, ds.test)
-    return {
-        "method": method,
-        "sparsity": sparsity,
-        "achieved_sparsity": res.report["overall"]["achieved_sparsity"],
-        "accuracy": metrics["accuracy"],
-        "loss": metrics["loss"],
-        "seconds": seconds,
-        "timings": res.report["timings"],
-        "fallbacks": res.report["numerics"]["fallbacks"],
-    }
+def _cell(results, method, sparsity, variant) -> dict | None:
+    for r in results:
+        if r["method"] == method and r["sparsity"] == sparsity and r.get("variant") in (variant, None):
+            return r
+    return None
 
 
-def _cell_text(cell: dict) -> str:
-    if "error" in cell:
-        return "refused"
-    return f"{100 * cell['accuracy']:.1f}% ({cell['seconds']:.2f} s)"
+def _acc(cell) -> str:
+    if cell is None:
+        return "-"
+    return "refused" if cell.get("error") else f"{100 * cell['accuracy']:.1f}%"
 
 
-def results_table(methods: list[str], sparsities: list[float], cells: dict, dense_acc: float) -> Table:
-    table = Table(title=f"LeNet-300-100 on digits, one-shot, uniform (dense: {100 * dense_acc:.1f}%)")
+def results_table(title: str, methods, sparsities, results, finetuned: bool) -> Table:
+    table = Table(title=title)
     table.add_column("method", style="bold")
     for s in sparsities:
-        table.add_column(f"sparsity {s:g}", justify="right")
+        table.add_column(f"sparsity {s:g}" + (" one-shot -> fine-tuned" if finetuned else ""), justify="right")
     for m in methods:
-        table.add_row(m, *(_cell_text(cells[m, s]) for s in sparsities))
+        cells = []
+        for s in sparsities:
+            one = _acc(_cell(results, m, s, "one-shot"))
+            cells.append(f"{one} -> {_acc(_cell(results, m, s, 'fine-tuned'))}" if finetuned else one)
+        table.add_row(m, *cells)
     return table
-
-
-def results_markdown(report: dict) -> str:
-    sparsities = report["sparsities"]
-    lines = [
-        "# brainsurgeon demo: one-shot pruning of LeNet-300-100 on digits",
-        "",
-        f"Dense test accuracy {100 * report['dense']['accuracy']:.2f}% on {report['dense']['test_samples']} test "
-        f"images after {report['dense']['train_seconds']:.1f} s of training. Each cell prunes the same trained "
-        f"network with uniform allocation ({report['num_samples']} calibration samples, no fine-tuning): "
-        "test accuracy (wall-clock seconds of `bs.prune`).",
-        "",
-        "| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
-        "|---|" + "---|" * len(sparsities),
-    ]
-    by_key = {(c["method"], c["sparsity"]): c for c in report["results"]}
-    for m in report["methods"]:
-        lines.append(f"| {m} | " + " | ".join(_cell_text(by_key[m, s]) for s in sparsities) + " |")
-    refused = [c for c in report["results"] if "error" in c]
-    if refused:
-        lines += ["", "Refused cells:", ""] + [f"- {c['method']} at {c['sparsity']:g}: {c['error']}" for c in refused]
-    if report["missing_methods"]:
-        lines += ["", "Not registered in this install: " + ", ".join(report["missing_methods"])]
-    lines += ["", f"Machine: {report['machine']}; total {report['total_seconds']:.1f} s."]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,47 +127,92 @@ def main(argv: list[str] | None = None) -> int:
         methods, missing = _methods(args.methods)
         if not methods:
             raise BrainsurgeonError(f"none of the methods {args.methods!r} is registered; see `brainsurgeon methods`")
-        if args.threads < 1:
+        if args.threads is not None and args.threads < 1:
             raise BrainsurgeonError(f"--threads must be a positive integer, got {args.threads}")
+        if args.finetune_epochs < 0 or args.finetune_samples < 2:
+            raise BrainsurgeonError("--finetune-epochs must be >= 0 and --finetune-samples >= 2")
     except BrainsurgeonError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     progress = progress_enabled(None) and not args.quiet
     t_start = time.perf_counter()
 
-    model, spec, ds, train_s = train_reference(args.epochs, args.seed, progress)
+    ds = load_data(args.data, args.seed)
+    model, spec, train_s, epochs = train_reference(ds, args.epochs, args.seed, progress)
     dense = evaluate(model, ds.test)
-    console.print(f"trained LeNet-300-100 on digits in {train_s:.1f} s: test accuracy {100 * dense['accuracy']:.2f}%")
+    console.print(f"trained LeNet-300-100 on {ds.name} in {train_s:.1f} s: test accuracy {100 * dense['accuracy']:.2f}%")
 
-    cells = {}
-    for m in methods:
-        for s in sparsities:
-            cells[m, s] = run_cell(model, ds, m, s, args.num_samples, args.seed, progress)
-            if "error" in cells[m, s]:
-                console.print(f"[yellow]{m} at {s:g} refused:[/yellow] {cells[m, s]['error']}")
+    n_ft = min(args.finetune_samples, len(ds.x_train))
+    ft = None
+    if args.finetune_epochs > 0:
+        ft = bs.FineTune((ds.x_train[:n_ft], ds.y_train[:n_ft]), epochs=args.finetune_epochs, lr=1e-3, seed=args.seed)
+    results = compare_methods(
+        model, ds, methods, sparsities, finetune=ft, num_samples=args.num_samples, seed=args.seed, progress=progress,
+        on_result=lambda c: c.get("error") and console.print(f"[yellow]{c['method']} at {c['sparsity']:g} refused:[/yellow] {c['error']}"),
+    )
+    compare_s = time.perf_counter() - t_start - train_s
+
+    # The rest of the pipeline on one method: sensitivity curves and a gradual schedule.
+    t0 = time.perf_counter()
+    sens = bs.sensitivity(model, ds.train, "magnitude", ratios=[0.5, 0.8, 0.9, 0.95, 0.98], eval_data=ds.test,
+                          num_samples=args.num_samples)
+    plot_sensitivity(sens.to_dict(), args.out / "sensitivity.png")
+    top = max(sparsities)
+    gradual = None
+    if ft is not None:
+        gradual_ft = bs.FineTune((ds.x_train[:n_ft], ds.y_train[:n_ft]), epochs=max(args.finetune_epochs, 1.0) * 2,
+                                 lr=1e-3, seed=args.seed)
+        res = bs.prune(model, ds.train, "magnitude", top, allocation="sensitivity", schedule="gradual", steps=4,
+                       finetune=gradual_ft, num_samples=args.num_samples, seed=args.seed, progress=progress)
+        after = evaluate(res.model, ds.test)
+        gradual = dict(res.report, evaluation={
+            "split": f"{ds.name} test", "samples": after["samples"], "accuracy_before": dense["accuracy"],
+            "accuracy_after": after["accuracy"], "loss_before": dense["loss"], "loss_after": after["loss"]})
+        write_run_report(gradual, args.out / "gradual")
+    pipeline_s = time.perf_counter() - t0
     total_s = time.perf_counter() - t_start
 
+    title = f"LeNet-300-100 on {ds.name}: test accuracy after pruning (dense {100 * dense['accuracy']:.1f}%)"
+    plot = plot_accuracy_vs_sparsity(results, args.out / "accuracy_vs_sparsity.png", dense["accuracy"], title).name
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     report = {
-        "model": spec,
-        "data": "digits (scikit-learn, 8x8)",
+        "model": spec, "data": ds.name,
         "dense": {"accuracy": dense["accuracy"], "loss": dense["loss"], "test_samples": dense["samples"],
-                  "train_seconds": train_s, "epochs": args.epochs},
-        "methods": methods,
-        "missing_methods": missing,
-        "sparsities": sparsities,
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        "results": [cells[m, s] for m in methods for s in sparsities],
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "total_seconds": total_s,
+                  "train_seconds": train_s, "epochs": epochs},
+        "methods": methods, "missing_methods": missing, "sparsities": sparsities, "num_samples": args.num_samples,
+        "finetune": None if ft is None else ft.options(), "seed": args.seed, "results": results,
+        "sensitivity": sens.to_dict(),
+        "gradual": None if gradual is None else {
+            "method": "magnitude", "sparsity": top, "allocation": "sensitivity",
+            "accuracy": gradual["evaluation"]["accuracy_after"], "report": "gradual/report.md"},
+        "machine": machine, "seconds": {"train": train_s, "compare": compare_s, "pipeline": pipeline_s, "total": total_s},
+        "plots": {"accuracy vs sparsity": plot, "sensitivity": "sensitivity.png"},
     }
+    md = comparison_markdown(title, results, sparsities, dense["accuracy"], plot)
+    md += (
+        f"\nCalibration: {args.num_samples} training samples per method. "
+        + (f"Fine-tuning: {args.finetune_epochs:g} epoch(s) of Adam (lr 1e-3) on {n_ft} training samples, masks held, "
+           "best state on a 10% validation split.\n" if ft is not None else "No fine-tuning.\n")
+        + "\n## Sensitivity (magnitude, one layer at a time, test split)\n\n![sensitivity](sensitivity.png)\n"
+    )
+    if gradual is not None:
+        md += (f"\n## Gradual schedule\n\nmagnitude to {top:g} with sensitivity allocation, 4 rounds (Zhu & Gupta), "
+               f"{gradual_ft.epochs:g} fine-tuning epochs in all: test accuracy "
+               f"{100 * gradual['evaluation']['accuracy_after']:.2f}%. Details: [gradual/report.md](gradual/report.md).\n")
+    if missing:
+        md += f"\nNot registered in this install: {', '.join(missing)}.\n"
+    md += f"\nMachine: {machine}; train {train_s:.1f} s, comparison {compare_s:.1f} s, pipeline {pipeline_s:.1f} s, total {total_s:.1f} s.\n"
     write_json(args.out / "report.json", report)
-    write_text(args.out / "report.md", results_markdown(report))
-    console.print(results_table(methods, sparsities, cells, dense["accuracy"]))
+    write_text(args.out / "report.md", md)
+    console.print(results_table(title, methods, sparsities, results, ft is not None))
+    if gradual is not None:
+        console.print(f"gradual magnitude to {top:g} (sensitivity allocation, fine-tuned): "
+                      f"{100 * gradual['evaluation']['accuracy_after']:.2f}%")
     if missing:
         console.print(f"not registered in this install: {', '.join(missing)}")
-    console.print(f"total {total_s:.1f} s; wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
+    console.print(f"total {total_s:.1f} s; wrote {args.out / 'report.md'} and plots")
     if args.quiet:
         print(args.out / "report.json")
     return 0

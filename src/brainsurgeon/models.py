@@ -161,7 +161,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "lenet300": LeNet300,
     "lenet5": LeNet5,
     "resnet": SmallResNet,
-    "vgg": SmallVGG,
+    "vgg-bn": SmallVGG,
     "mobilenet": SmallMobileNet,
     "concat": ConcatNet,
 }

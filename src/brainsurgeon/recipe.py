@@ -138,13 +138,33 @@ def validate(raw, base: Path = Path("."), source: str = "recipe") -> Recipe:
         raise BrainsurgeonError(f"{source}: data file {recipe.path(data)} does not exist")
     if data not in ("digits", "fashion-mnist", "fashion_mnist", "fmnist") and Path(data).suffix not in (".npz", ".safetensors"):
         raise BrainsurgeonError(f"{source}: key 'data' must be digits, fashion-mnist, or a .npz/.safetensors file; got {data!r}")
-    from .engine import _method_class
+    _check_run_options(raw, source)
+    return recipe
 
-    _method_class(raw["method"]).create(**raw.get("method_options", {}))
+
+def _check_run_options(raw: dict, source: str) -> None:
+    """The pruning and fine-tuning options, checked as ``bs.prune`` and ``bs.FineTune`` would, before any work."""
+    import torch
+
+    from .engine import _method_class, build_options
+    from .finetune import FineTune
     from .schedules import check_schedule
 
-    check_schedule(raw.get("schedule", "oneshot"), raw.get("steps"), None)
-    return recipe
+    _method_class(raw["method"]).create(**raw.get("method_options", {}))
+    try:
+        build_options(
+            raw["method"], raw.get("sparsity"), raw.get("structure", "unstructured"), raw.get("allocation", "uniform"),
+            raw.get("max_layer_sparsity", 0.99), raw.get("num_samples", 1024), raw.get("damping"), raw.get("seed", 0),
+            "cpu", 128,
+        )
+        check_schedule(raw.get("schedule", "oneshot"), raw.get("steps"), None)
+        if "finetune" in raw:
+            # the options alone (types, ranges), on placeholder data; the budget is checked on the real data
+            FineTune((torch.zeros(1000, 1), torch.zeros(1000, dtype=torch.long)), **raw["finetune"])
+            if raw["finetune"].get("epochs", 1) == 0 and raw.get("schedule", "oneshot") != "oneshot":
+                raise BrainsurgeonError("finetune.epochs is 0 but the schedule fine-tunes between rounds; give epochs > 0")
+    except BrainsurgeonError as e:
+        raise BrainsurgeonError(f"{source}: {e}") from e
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -37,6 +37,8 @@ def _load_builtin() -> None:
     import importlib
 
     importlib.import_module("brainsurgeon.pruners")
+    # structured methods import pruners.base themselves: importing them from pruners/__init__ would be circular
+    importlib.import_module("brainsurgeon.structured.reconstruction")
     importlib.import_module("brainsurgeon.structured.methods")  # structure="channel" criteria
 
 

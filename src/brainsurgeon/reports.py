@@ -28,6 +28,12 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _label(result: dict) -> str:
+    """A table row / plot line: the method, marked when fine-tuned."""
+    variant = result.get("variant")
+    return result["method"] if variant in (None, "one-shot") else f"{result['method']} ({variant})"
+
+
 def plot_accuracy_vs_sparsity(results: list[dict], path, dense_accuracy: float | None = None, title: str = "") -> Path:
     """One line per (method, variant): test accuracy against sparsity. ``results``: dicts with
     ``method``, ``sparsity``, ``accuracy`` and optionally ``variant`` (e.g. "fine-tuned")."""
@@ -37,12 +43,11 @@ def plot_accuracy_vs_sparsity(results: list[dict], path, dense_accuracy: float |
     for r in results:
         if r.get("accuracy") is None:
             continue
-        label = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
-        series.setdefault(label, []).append((r["sparsity"], 100 * r["accuracy"]))
+        series.setdefault(_label(r), []).append((r["sparsity"], 100 * r["accuracy"]))
     for label, pts in series.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                linestyle="--" if "one-shot" in label else "-")
+                linestyle="--" if "fine-tuned" in label else "-")
     if dense_accuracy is not None:
         ax.axhline(100 * dense_accuracy, color="black", linewidth=0.8, linestyle=":", label="dense")
     ax.set_xlabel("sparsity")
@@ -173,8 +178,7 @@ def comparison_markdown(title: str, results: list[dict], sparsities: list[float]
     """A table method x sparsity of test accuracy (one row per method and variant)."""
     rows: dict[str, dict] = {}
     for r in results:
-        label = r["method"] + (f" ({r['variant']})" if r.get("variant") else "")
-        rows.setdefault(label, {})[r["sparsity"]] = r
+        rows.setdefault(_label(r), {})[r["sparsity"]] = r
     lines = [f"# {title}", "", f"Dense test accuracy: {100 * dense_accuracy:.2f}%.", "",
              "| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |", "|---|" + "---|" * len(sparsities)]
     for label, cells in rows.items():

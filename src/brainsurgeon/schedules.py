@@ -213,7 +213,7 @@ def run_schedule(
 
     ``checkpoint`` (a :class:`~brainsurgeon.checkpoint.Checkpoint`) saves the state after every
     round; ``resume=True`` continues from its last completed round. ``round_hook(k, model)`` is called
-    after round ``k`` is saved (tests use it to simulate a kill).
+    at the start of round ``k`` with the model so far (tests use it to simulate a kill).
     """
     from .engine import _method_class, build_options, prune_step
     from .targets import find_targets
@@ -264,6 +264,8 @@ def run_schedule(
 
     res = None
     for k in range(start, rounds):
+        if round_hook is not None:
+            round_hook(k + 1, current)
         t0 = time.perf_counter()
         layer_s = None
         if final_alloc is not None:
@@ -285,8 +287,6 @@ def run_schedule(
         history.append(entry)
         if checkpoint is not None:
             checkpoint.save(k + 1, rounds, current, masks, history)
-        if round_hook is not None:
-            round_hook(k + 1, current)
 
     if res is None:  # resumed after the last round: rebuild the final report from the checkpoint
         from .engine import PruneResult

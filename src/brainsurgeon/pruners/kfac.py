@@ -178,7 +178,7 @@ class KFACOBS(PruningMethod):
         dW   = -(W_ij / ([S_d^-1]_ii [A_d^-1]_jj)) S_d^-1[:, i] A_d^-1[j, :]   (one weight removed)
 
     Removing many weights, the one-at-a-time updates summed do not keep earlier removed weights at
-    zero. This method uses the joint (block) OBS form instead: after each of ``steps`` steps, with Q
+    zero. This method uses the joint (block) OBS form instead: after each of ``obs_steps`` steps, with Q
     all weights removed so far, [W | b] is the minimiser of the K-FAC quadratic
     1/2 tr(S_d (W - W0) A_d (W - W0)^T) subject to W_Q = 0 (``constrained_refit``: preconditioned
     conjugate gradients, at most ``cg_iters`` iterations per step; the exact solution of the block
@@ -196,12 +196,12 @@ class KFACOBS(PruningMethod):
 
     summary = "K-FAC OBS: Kronecker-factored Fisher OBS saliencies and joint compensation, in steps."
 
-    def __init__(self, fisher: str = "true", steps: int = 4, cg_iters: int = 25):
+    def __init__(self, fisher: str = "true", obs_steps: int = 4, cg_iters: int = 25):
         self.fisher = _check_fisher_option(fisher)
-        for name, value, top in (("steps", steps, 1000), ("cg_iters", cg_iters, 100000)):
+        for name, value, top in (("obs_steps", obs_steps, 1000), ("cg_iters", cg_iters, 100000)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (1 <= value <= top):
                 raise BrainsurgeonError(f"{name} must be an integer in [1, {top}], got {value!r}")
-        self.steps = int(steps)
+        self.obs_steps = int(obs_steps)
         self.cg_iters = int(cg_iters)
 
     def validate(self, ctx: PruneContext) -> None:
@@ -212,7 +212,7 @@ class KFACOBS(PruningMethod):
             factors = _factors(ctx, self.fisher)
         with ctx.timer("solve"):
             layers = self._layers(ctx, factors)
-            for step in ctx.track(range(1, self.steps + 1), "K-FAC OBS steps", self.steps):
+            for step in ctx.track(range(1, self.obs_steps + 1), "K-FAC OBS steps", self.obs_steps):
                 self._step(ctx, layers, step)
             self._write_back(ctx, layers)
         masks = {t.name: (~layers[t.name].pruned).reshape(t.weight.shape) for t in ctx.targets}
@@ -220,7 +220,7 @@ class KFACOBS(PruningMethod):
             ctx.extra_report["target_sparsity"] = {n: float((~m).sum()) / m.numel() for n, m in masks.items()}
         ctx.extra_report["kfac_obs"] = {
             "damping_relative": ctx.options.damping or DEFAULT_DAMPING,
-            "steps": self.steps,
+            "obs_steps": self.obs_steps,
             "cg": {n: {"iterations": l.iterations, "relative_residual": l.relative_residual} for n, l in layers.items()},
         }
         return masks
@@ -238,7 +238,7 @@ class KFACOBS(PruningMethod):
 
     def _step_counts(self, ctx: PruneContext, scores: dict[str, torch.Tensor], step: int) -> dict[str, int]:
         o = ctx.options
-        fraction = o.sparsity if step == self.steps else o.sparsity * step / self.steps
+        fraction = o.sparsity if step == self.obs_steps else o.sparsity * step / self.obs_steps
         if o.allocation == "global":
             return global_counts(scores, fraction, o.max_layer_sparsity)
         return {name: num_pruned(s.numel(), fraction) for name, s in scores.items()}

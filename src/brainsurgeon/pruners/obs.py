@@ -150,12 +150,12 @@ class OBS(PruningMethod):
     (1/P) sum X X^T, damping = the run's ``damping`` or 1e-2.
 
     Removing weight q costs L_q = w_q^2 / (2 [H^-1]_qq) and is compensated by
-    dw = -(w_q / [H^-1]_qq) H^-1 e_q. We prune in ``steps`` rounds: each scores the remaining
+    dw = -(w_q / [H^-1]_qq) H^-1 e_q. We prune in ``obs_steps`` rounds: each scores the remaining
     weights, removes the lowest (per layer for uniform, one global threshold with the cap for
     global) jointly, dw = -H^-1 E_Q (E_Q^T H^-1 E_Q)^-1 w_Q, and downdates H^-1 to the remaining
     weights by the Schur complement so removed weights stay removed.
 
-    Options: ``curvature``; ``steps`` (default 16: fewer, larger joint removals leave the
+    Options: ``curvature``; ``obs_steps`` (default 16: fewer, larger joint removals leave the
     quadratic model sooner; on a 64-16-10 digits MLP at 90%, train loss 1.41 with 16 steps, 2.2-3.1
     with 1 or 4); ``max_memory_bytes`` (default 2 GiB): the inverse is n x n float64 (plus one
     downdated copy); larger models should use woodfisher, kfac-obs, obc or sparsegpt.
@@ -163,9 +163,9 @@ class OBS(PruningMethod):
 
     summary = "Optimal Brain Surgeon (Hassibi & Stork 1993): full inverse Hessian, joint compensation."
 
-    def __init__(self, curvature: str = "ggn", steps: int = 16, max_memory_bytes: int = DEFAULT_BUDGET):
+    def __init__(self, curvature: str = "ggn", obs_steps: int = 16, max_memory_bytes: int = DEFAULT_BUDGET):
         self.curvature = check_curvature_option(curvature, ("ggn", "empirical", "fisher"))
-        self.steps = check_positive_int(steps, "steps")
+        self.obs_steps = check_positive_int(obs_steps, "obs_steps")
         self.max_memory_bytes = check_positive_int(max_memory_bytes, "max_memory_bytes")
 
     @staticmethod
@@ -199,7 +199,7 @@ class OBS(PruningMethod):
         if ctx.options.allocation == "global":
             ctx.extra_report["target_sparsity"] = {k: counts[k] / pruned[k].numel() for k in names}
         ctx.extra_report["obs"] = {
-            "curvature": self.curvature, "alpha": alpha, "steps": self.steps, "inverse": "woodbury",
+            "curvature": self.curvature, "alpha": alpha, "obs_steps": self.obs_steps, "inverse": "woodbury",
             "predicted_loss_increase": predicted,
         }
         return {k: ~m for k, m in pruned.items()}
@@ -224,12 +224,12 @@ class OBS(PruningMethod):
         pruned = torch.zeros(n, dtype=torch.bool, device=w.device)
         names = [t.name for t in ctx.targets]
         predicted, counts = 0.0, {}
-        for step in ctx.track(range(1, self.steps + 1), "obs: prune", total=self.steps):
+        for step in ctx.track(range(1, self.obs_steps + 1), "obs: prune", total=self.obs_steps):
             scores = torch.full((n,), float("inf"), dtype=torch.float64, device=w.device)
             scores[alive] = obs_saliency(w[alive], self._positive_diag(ctx, inv))
             want, counts = step_prune_masks(
                 dict(zip(names, layout.split(scores))), dict(zip(names, layout.split(pruned))),
-                step, self.steps, ctx.options,
+                step, self.obs_steps, ctx.options,
             )
             new = torch.cat([m.reshape(-1) for m in want.values()]) & ~pruned
             if not new.any():

@@ -107,10 +107,10 @@ class WoodFisher(PruningMethod):
 
     Then OBS inside each block: L_q = w_q^2 / (2 [F^-1]_qq) (a loss increase, comparable across
     layers, so global allocation works), removal of the lowest jointly per block with
-    dw = -F^-1 E_Q (E_Q^T F^-1 E_Q)^-1 w_Q and a Schur-complement downdate, over ``steps`` rounds.
+    dw = -F^-1 E_Q (E_Q^T F^-1 E_Q)^-1 w_Q and a Schur-complement downdate, over ``obs_steps`` rounds.
     Memory is num_blocks * block_size^2 float64, never n x n.
 
-    Options: ``block_size`` (default 64), ``steps`` (default 16), ``curvature`` ("empirical" or
+    Options: ``block_size`` (default 64), ``obs_steps`` (default 16), ``curvature`` ("empirical" or
     "fisher"), ``max_memory_bytes`` (default 2 GiB).
 
     Defaults, measured on LeNet-300-100 (Fashion-MNIST, 20k-sample 3-epoch training, 85.4% test
@@ -126,12 +126,12 @@ class WoodFisher(PruningMethod):
     def __init__(
         self,
         block_size: int = 64,
-        steps: int = 16,
+        obs_steps: int = 16,
         curvature: str = "empirical",
         max_memory_bytes: int = DEFAULT_BUDGET,
     ):
         self.block_size = check_positive_int(block_size, "block_size")
-        self.steps = check_positive_int(steps, "steps")
+        self.obs_steps = check_positive_int(obs_steps, "obs_steps")
         self.curvature = check_curvature_option(curvature, ("empirical", "fisher"))
         self.max_memory_bytes = check_positive_int(max_memory_bytes, "max_memory_bytes")
 
@@ -170,7 +170,7 @@ class WoodFisher(PruningMethod):
             ctx.extra_report["target_sparsity"] = {k: counts[k] / masks[k].numel() for k in names}
         ctx.extra_report["woodfisher"] = {
             "curvature": self.curvature, "block_size": self.block_size, "num_blocks": blocks.num_blocks,
-            "steps": self.steps, "predicted_loss_increase": predicted,
+            "obs_steps": self.obs_steps, "predicted_loss_increase": predicted,
         }
         return {k: ~m for k, m in masks.items()}
 
@@ -196,13 +196,13 @@ class WoodFisher(PruningMethod):
         layout, names = blocks.layout, [t.name for t in ctx.targets]
         pruned = torch.zeros_like(w, dtype=torch.bool)
         predicted, counts = 0.0, {}
-        for step in ctx.track(range(1, self.steps + 1), "woodfisher: prune", total=self.steps):
+        for step in ctx.track(range(1, self.obs_steps + 1), "woodfisher: prune", total=self.obs_steps):
             diag = self._positive_diag(ctx, inv.diagonal(dim1=1, dim2=2), pruned)
             scores = blocks.from_padded(obs_saliency(w, diag).reshape(-1))
             was = blocks.from_padded(pruned.reshape(-1))
             want, counts = step_prune_masks(
                 dict(zip(names, layout.split(scores))), dict(zip(names, layout.split(was))),
-                step, self.steps, ctx.options,
+                step, self.obs_steps, ctx.options,
             )
             flat_want = torch.cat([m.reshape(-1) for m in want.values()])
             new = blocks.to_padded(flat_want.to(torch.float64)).reshape_as(w).bool() & ~pruned

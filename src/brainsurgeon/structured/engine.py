@@ -82,8 +82,10 @@ def prune_channels(
         )
     sctx = StructuredContext(ctx, groups)
     algo.check(sctx)
-    sample_shape = tuple(calib.batches[0][0].shape[1:])
-    before = cost(work, sample_shape, opts.device)
+    sample_shape, dtype = tuple(calib.batches[0][0].shape[1:]), calib.batches[0][0].dtype
+    if not dtype.is_floating_point:
+        raise BrainsurgeonError(f"structure='channel' needs floating-point inputs, got {dtype}")
+    before = cost(work, sample_shape, opts.device, dtype)
     units_before = {g.name: g.num_units for g in groups}
     shapes_before = {n: list(m.weight.shape) for n, m in work.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
@@ -102,7 +104,7 @@ def prune_channels(
         if not torch.isfinite(p).all():
             raise RuntimeError(f"method {method!r} produced non-finite weights")
 
-    after = cost(work, sample_shape, opts.device)
+    after = cost(work, sample_shape, opts.device, dtype)
     report = _report(ctx, algo, groups, keep, units_before, capped, before, after, shapes_before, compact, layers, t_start)
     work.train(model.training)
     return PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in keep.items()})

@@ -28,10 +28,10 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 def median_latency_ms(
     model: nn.Module, sample_shape: tuple[int, ...], batch: int, repeats: int = 15, warmup: int = 3,
-    budget_s: float = 2.0, device: torch.device | str = "cpu",
+    budget_s: float = 0.5, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
 ) -> float:
     """Median milliseconds of a forward pass at ``batch``; stops early after ``budget_s`` of runs."""
-    x = torch.randn(batch, *sample_shape, device=device)
+    x = torch.randn(batch, *sample_shape, device=device, dtype=dtype)
     times = []
     with torch.no_grad():
         for _ in range(warmup):
@@ -46,18 +46,19 @@ def median_latency_ms(
     return 1000.0 * statistics.median(times)
 
 
-def cost(model: nn.Module, sample_shape: tuple[int, ...], device="cpu") -> dict:
-    """Parameters, FLOPs per sample and median latency at batch 1 and 64 of ``model`` (eval mode)."""
+def cost(model: nn.Module, sample_shape: tuple[int, ...], device="cpu", dtype=torch.float32) -> dict:
+    """Parameters, FLOPs per sample and median latency at batch 1 and 64 of ``model`` (eval mode),
+    on inputs of ``sample_shape`` and ``dtype`` (those of the data)."""
     was_training = model.training
     model.eval()
     try:
-        example = torch.zeros(1, *sample_shape, device=device)
+        example = torch.zeros(1, *sample_shape, device=device, dtype=dtype)
         return {
             "params": count_params(model),
             "flops": count_flops(model, example),
             "latency_ms": {
-                "batch_1": median_latency_ms(model, sample_shape, 1, device=device),
-                "batch_64": median_latency_ms(model, sample_shape, 64, device=device),
+                "batch_1": median_latency_ms(model, sample_shape, 1, device=device, dtype=dtype),
+                "batch_64": median_latency_ms(model, sample_shape, 64, device=device, dtype=dtype),
             },
             "threads": torch.get_num_threads(),
         }

@@ -305,8 +305,12 @@ class _Producer:
     def remove(self, unit: int) -> None:
         i = int(self.rows[unit])
         self.w += row_removal_update(self.w, self.s_inv, i)
-        self.w[i] = 0.0  # exactly zero (the update leaves round-off)
         self.s_inv = downdate_inverse(self.s_inv, i)
+        # row i and its row/column of the downdated inverse are zero in exact arithmetic; make
+        # them exactly zero so later updates leave removed rows untouched
+        self.w[i] = 0.0
+        self.s_inv[i] = 0.0
+        self.s_inv[:, i] = 0.0
 
 
 class StructuredKFACOBS(StructuredMethod):

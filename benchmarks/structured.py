@@ -1,0 +1,201 @@
+"""Structured (neuron / channel) pruning benchmarks, one-shot, no fine-tuning (``make bench-structured``).
+
+1. LeNet-300-100 on Fashion-MNIST: both hidden layers lose 0.3 / 0.5 / 0.7 / 0.8 of their neurons,
+   with every structured criterion and Torch-Pruning's MagnitudePruner (magnitude, Taylor and
+   Hessian importances) in the same run.
+2. SmallResNet on Fashion-MNIST: channel pruning to half the FLOPs with every criterion: accuracy,
+   FLOPs ratio, measured CPU latency ratio at batch 1 and 64.
+3. EigenDamage (K-FAC and EKFAC) and C-OBS against C-OBD and l1-norm on LeNet-5 at 0.5 and 0.7 of
+   the parameters removed.
+
+Usage: ``python benchmarks/structured.py [--parts 1,2,3] [--calib 1024]``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+
+import torch
+from torch import nn
+
+from common import accuracy, calibration, dataset, dense_model  # noqa: E402  (sets sys.path)
+from _record import markdown_table, record_section  # noqa: E402
+
+import brainsurgeon as bs  # noqa: E402
+from brainsurgeon.errors import BrainsurgeonError  # noqa: E402
+from brainsurgeon.structured.eigendamage import eigendamage  # noqa: E402
+from brainsurgeon.structured.engine import structured_methods  # noqa: E402
+from brainsurgeon.structured.latency import cost  # noqa: E402
+
+SECOND_ORDER = ["obd", "kfac-obs"]  # structure="channel" variants of the unstructured names
+
+
+def criteria() -> list[str]:
+    return sorted(set(structured_methods()) | set(SECOND_ORDER))
+
+
+def prune(model, calib, method, ratio, **kw):
+    t0 = time.perf_counter()
+    res = bs.prune(model, calib, method=method, sparsity=ratio, structure="channel", num_samples=len(calib[0]), **kw)
+    return res, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- Torch-Pruning peers
+def torch_pruning(model, calib, importance: str, ratio: float, ignored):
+    """Torch-Pruning's MagnitudePruner with one of its importances (the peer library)."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model).eval()
+    x, y = calib
+    imp = {
+        "tp-magnitude": lambda: tp.importance.MagnitudeImportance(p=1),
+        "tp-taylor": lambda: tp.importance.TaylorImportance(),
+        "tp-hessian": lambda: tp.importance.HessianImportance(),
+    }[importance]()
+    pruner = tp.pruner.MagnitudePruner(
+        m, example_inputs=x[:2], importance=imp, pruning_ratio=ratio, ignored_layers=[ignored(m)],
+    )
+    loss = nn.CrossEntropyLoss()
+    if importance == "tp-taylor":
+        m.zero_grad()
+        loss(m(x), y).backward()
+    elif importance == "tp-hessian":
+        imp.zero_grad()
+        for i in range(min(len(x), 256)):  # per-sample gradients, as its documentation shows
+            m.zero_grad()
+            loss(m(x[i : i + 1]), y[i : i + 1]).backward()
+            imp.accumulate_grad(m)
+    pruner.step()
+    return m
+
+
+# ----------------------------------------------------------------------------- parts
+def part_lenet300(data, n_calib: int) -> str:
+    model, _, _ = dense_model("lenet300", data, epochs=15)
+    model.eval()
+    calib = calibration(data, n_calib)
+    dense = accuracy(model, data)
+    ratios = [0.3, 0.5, 0.7, 0.8]
+    rows, best = [], {}
+    for method in criteria() + ["tp-magnitude", "tp-taylor", "tp-hessian"]:
+        row = [method]
+        for r in ratios:
+            try:
+                if method.startswith("tp-"):
+                    acc = accuracy(torch_pruning(model, calib, method, r, lambda m: m.net[-1]), data)
+                else:
+                    acc = accuracy(prune(model, calib, method, r)[0].model, data)
+            except BrainsurgeonError as e:
+                row.append(f"n/a ({str(e)[:40]})")
+                continue
+            best[r] = max(best.get(r, 0), acc)
+            row.append(f"{100 * acc:.2f}")
+        rows.append(row)
+        print(row, file=sys.stderr)
+    table = markdown_table(["criterion"] + [f"acc % at {r}" for r in ratios], rows)
+    verdict = (
+        f"Dense accuracy {100 * dense:.2f}%. Best at 0.5: {100 * best.get(0.5, 0):.2f}% (loss "
+        f"{100 * (dense - best.get(0.5, 0)):.2f} points, target <= 1); best at 0.7: {100 * best.get(0.7, 0):.2f}% "
+        f"(loss {100 * (dense - best.get(0.7, 0)):.2f} points, target <= 3)."
+    )
+    return (
+        "### 1. LeNet-300-100, Fashion-MNIST: neurons of both hidden layers removed, one-shot, no fine-tuning\n\n"
+        f"Calibration: {n_calib} training samples; uniform allocation (each hidden layer loses the ratio).\n\n"
+        + table + "\n\n" + verdict + "\n"
+    )
+
+
+def part_resnet(data, n_calib: int) -> str:
+    model, _, _ = dense_model("resnet", data, epochs=15)
+    model.eval()
+    calib = calibration(data, n_calib)
+    dense = accuracy(model, data)
+    shape = tuple(data.x_train.shape[1:])
+    base = cost(model, shape)
+    rows = []
+    for method in criteria():
+        try:
+            res, secs = prune(model, calib, method, 0.3)
+        except BrainsurgeonError as e:
+            rows.append([method, f"n/a ({str(e)[:40]})", "", "", "", ""])
+            continue
+        after = cost(res.model, shape)
+        flops = base["flops"] / after["flops"]
+        lat1 = base["latency_ms"]["batch_1"] / after["latency_ms"]["batch_1"]
+        lat64 = base["latency_ms"]["batch_64"] / after["latency_ms"]["batch_64"]
+        rows.append([method, f"{100 * accuracy(res.model, data):.2f}", f"{flops:.2f}", f"{lat1:.2f}", f"{lat64:.2f}",
+                     "yes" if lat64 >= 0.8 * flops else "no"])
+        print(rows[-1], file=sys.stderr)
+    table = markdown_table(["criterion", "acc %", "FLOPs ratio", "speedup b=1", "speedup b=64", "b=64 >= 0.8 FLOPs"], rows)
+    return (
+        "### 2. SmallResNet, Fashion-MNIST: channel pruning, one-shot\n\n"
+        f"Dense accuracy {100 * dense:.2f}%, {base['flops']} FLOPs. Every group loses 0.3 of its channels "
+        "(about half the FLOPs: a conv's FLOPs scale with in x out channels).\n\n" + table + "\n"
+    )
+
+
+def part_lenet5(data, n_calib: int) -> str:
+    model, _, _ = dense_model("lenet5", data, epochs=15)
+    model.eval()
+    calib = calibration(data, n_calib)
+    dense = accuracy(model, data)
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    for target in (0.5, 0.7):
+        for ekfac in (False, True):
+            res = eigendamage(model, calib, target, ekfac=ekfac, num_samples=n_calib, max_layer_sparsity=0.95)
+            after = sum(p.numel() for p in res.model.parameters())
+            rows.append([f"eigendamage{' (EKFAC)' if ekfac else ''}", target, f"{1 - after / params:.3f}",
+                         f"{100 * accuracy(res.model, data):.2f}"])
+            print(rows[-1], file=sys.stderr)
+        for method in ["kfac-obs", "obd", "l1-norm"]:
+            ratio = _unit_ratio_for_params(model, calib, method, target, params)
+            try:
+                res, _ = prune(model, calib, method, ratio)
+            except BrainsurgeonError as e:
+                rows.append([method, target, "n/a", str(e)[:40]])
+                continue
+            after = sum(p.numel() for p in res.model.parameters())
+            rows.append([method, target, f"{1 - after / params:.3f}", f"{100 * accuracy(res.model, data):.2f}"])
+            print(rows[-1], file=sys.stderr)
+    table = markdown_table(["method", "target removed", "params removed", "acc %"], rows)
+    return (
+        "### 3. LeNet-5, Fashion-MNIST: EigenDamage and C-OBS against C-OBD and l1-norm\n\n"
+        f"Dense accuracy {100 * dense:.2f}%, {params} parameters. Channel methods: the unit ratio whose compact "
+        "model removes the target fraction of parameters (measured with l1-norm).\n\n" + table + "\n"
+    )
+
+
+def _unit_ratio_for_params(model, calib, method, target, params) -> float:
+    """The uniform unit ratio removing about ``target`` of the parameters (bisection with l1-norm)."""
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        res = bs.prune(model, calib, method="l1-norm", sparsity=mid, structure="channel", num_samples=len(calib[0]))
+        removed = 1 - sum(p.numel() for p in res.model.parameters()) / params
+        lo, hi = (mid, hi) if removed < target else (lo, mid)
+    return hi
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="1,2,3")
+    ap.add_argument("--calib", type=int, default=1024)
+    args = ap.parse_args()
+    data = dataset("fashion-mnist")
+    parts = {"1": part_lenet300, "2": part_resnet, "3": part_lenet5}
+    body = []
+    for p in args.parts.split(","):
+        t0 = time.perf_counter()
+        body.append(parts[p](data, args.calib))
+        body.append(f"(part {p}: {time.perf_counter() - t0:.0f} s)\n")
+    record_section(
+        "structured", "Structured pruning (one-shot, no fine-tuning)",
+        f"python benchmarks/structured.py --parts {args.parts} --calib {args.calib}", "\n".join(body),
+    )
+
+
+if __name__ == "__main__":
+    main()
