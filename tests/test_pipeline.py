@@ -269,7 +269,7 @@ def test_demo_runs_the_pipeline_and_writes_plots(tmp_path, capsys):
 
     out = tmp_path / "demo"
     rc = demo.main(["--out", str(out), "--quiet", "--data", "digits", "--methods", "magnitude,random,not-a-method",
-                    "--sparsities", "0.5,0.9", "--epochs", "3", "--finetune-epochs", "1", "--num-samples", "128"])
+                    "--sparsities", "0.5,0.9", "--epochs", "3", "--num-samples", "128"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(out / "report.json")
     report = __import__("json").loads((out / "report.json").read_text())

@@ -59,7 +59,9 @@ from ..curvature.diagonal import (
 )
 from ..curvature.kfac import _SIGNAL, check_fisher_kind, check_kfac_layer
 from ..errors import BrainsurgeonError
+from ..registry import register
 from ..targets import Target
+from .groups import WholeModelMethod
 
 FORMS = ("dense", "merge-A", "merge-S", "three")
 
@@ -412,3 +414,35 @@ def eigendamage(
         "numerics": {"damping": ctx.numerics.damping, "fallbacks": ctx.numerics.fallbacks},
     }
     return PruneResult(model=work, report=report, masks={})
+
+
+@register("eigendamage")
+class EigenDamage(WholeModelMethod):
+    """EigenDamage (Wang, Grosse, Fidler & Zhang 2019, arXiv:1905.05934): structured pruning in the
+    Kronecker-factored eigenbasis, W' = Q_S^T W Q_A, importance 1/2 (W'_ij)^2 lambda_S_i lambda_A_j
+    (or the EKFAC eigenvalues of George et al. 2018 with ``ekfac=True``), rows and columns of W'
+    removed by one global percentile with a per-layer cap; pruned layers become
+    Q_A -> W' -> Q_S (or a cheaper exact merge). The formulas and departures are in this module's
+    docstring. ``sparsity`` is the fraction of the target layers' weights removed, counted in the
+    decomposed model. Options: ``ekfac`` (False), ``fisher`` ("true", "empirical", "exact").
+    """
+
+    summary = "EigenDamage (Wang et al. 2019): prune directions of the K-FAC eigenbasis; layers become Q_A-W'-Q_S."
+
+    def __init__(self, ekfac: bool = False, fisher: str = "true"):
+        if not isinstance(ekfac, bool):
+            raise BrainsurgeonError(f"ekfac must be True or False, got {ekfac!r}")
+        if not isinstance(fisher, str):
+            raise BrainsurgeonError(f"fisher must be one of 'true', 'empirical', 'exact'; got {fisher!r}")
+        self.ekfac = ekfac
+        self.fisher = check_fisher_kind(fisher)
+
+    def prune_model(self, model, data, sparsity, *, allocation, damping, **options):
+        if allocation != "global":
+            raise BrainsurgeonError(
+                "eigendamage removes eigen-directions by one global percentile (Wang et al. 2019): "
+                "pass allocation='global' (max_layer_sparsity caps each layer)"
+            )
+        if damping is not None:
+            raise BrainsurgeonError("eigendamage inverts nothing (it eigendecomposes A and S): leave damping out")
+        return eigendamage(model, data, sparsity, ekfac=self.ekfac, fisher=self.fisher, **options)

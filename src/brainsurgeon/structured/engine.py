@@ -20,7 +20,8 @@ from ..errors import BrainsurgeonError
 from ..progress import progress_enabled
 from ..targets import find_targets
 from .compact import compact as compact_model
-from .groups import GroupSet, StructuredContext, StructuredMethod, build_groups, example_input
+from ..registry import get_variant
+from .groups import GroupSet, StructuredContext, StructuredMethod, WholeModelMethod, build_groups, example_input
 from .latency import cost
 from .masking import apply_masks
 
@@ -29,8 +30,9 @@ CHANNEL = Structure("channel")
 
 def structured_methods() -> list[str]:
     from ..engine import _all_methods
+    from ..registry import supports
 
-    return sorted(n for n, c in _all_methods().items() if "channel" in c.structures)
+    return sorted(n for n in _all_methods() if supports(n, "channel"))
 
 
 def prune_channels(
@@ -47,7 +49,7 @@ def prune_channels(
     if allocation not in ("uniform", "global"):
         raise BrainsurgeonError(f"structure='channel' supports allocation 'uniform' or 'global', got {allocation!r}")
     opts = dataclasses.replace(opts, structure=CHANNEL)
-    method_cls = _method_class(method)
+    method_cls = get_variant(method, "channel") or _method_class(method)
     if "channel" not in method_cls.structures or not issubclass(method_cls, StructuredMethod):
         raise BrainsurgeonError(
             f"method {method!r} prunes single weights, not whole units; structure='channel' needs a structured "
@@ -58,6 +60,15 @@ def prune_channels(
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     algo = method_cls.create(**method_options)
+    if isinstance(algo, WholeModelMethod):
+        # methods that replace layers rather than remove units (EigenDamage) run their own flow
+        if not compact:
+            raise BrainsurgeonError(f"method {method!r} replaces layers by smaller ones; it has no compact=False form")
+        return algo.prune_model(
+            model, data, opts.sparsity, allocation=allocation, max_layer_sparsity=max_layer_sparsity,
+            loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
+            batch_size=batch_size, progress=progress,
+        )
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     if not callable(loss_fn):
         raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")

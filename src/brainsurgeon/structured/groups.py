@@ -277,6 +277,18 @@ class StructuredMethod(PruningMethod):
         """Optionally adjust the kept weights of ``sctx.model`` (default: nothing)."""
 
 
+class WholeModelMethod(StructuredMethod):
+    """A structured method that rewrites layers instead of removing units of fixed groups
+    (EigenDamage replaces a layer by Q_A -> W' -> Q_S). ``bs.prune(..., structure="channel")``
+    hands it the whole call through :meth:`prune_model`, which returns a ``PruneResult``."""
+
+    def importance(self, group: Group, sctx: StructuredContext) -> torch.Tensor:
+        raise TypeError(f"{self.name} scores directions of its own eigenbasis, not units of a group")
+
+    def prune_model(self, model: nn.Module, data, sparsity: float, **options):
+        raise NotImplementedError  # abstract: each whole-model method implements it
+
+
 # ----------------------------------------------------------------------------- building groups
 def check_supported(model: nn.Module) -> None:
     """Refuse modules whose parameters the group slicing would not know how to cut."""

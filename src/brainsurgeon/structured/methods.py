@@ -1,3 +1,2 @@
-"""Importing this module registers every built-in structured criterion (H's second-order ones too
-when their module is listed here)."""
-from . import criteria, search  # noqa: F401
+"""Importing this module registers every built-in structured criterion and variant."""
+from . import criteria, eigendamage, reconstruction, search, second_order  # noqa: F401

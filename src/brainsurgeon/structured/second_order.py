@@ -58,6 +58,7 @@ from ..curvature.diagonal import (
 )
 from ..curvature.kfac import DEFAULT_DAMPING, _SIGNAL, check_fisher_kind, check_kfac_layer, damped, kfac_factors, weight_with_bias
 from ..curvature.per_sample import check_curvature
+from ..registry import register_variant
 from ..errors import BrainsurgeonError
 from ..targets import Target
 from .groups import NORM_TYPES, Group, Member, StructuredContext, StructuredMethod
@@ -212,6 +213,7 @@ def _check_option(name: str, value, choices) -> str:
     return value
 
 
+@register_variant("obd", "channel")
 class StructuredOBD(StructuredMethod):
     """C-OBD: structured Optimal Brain Damage (LeCun, Denker & Solla 1990; the C-OBD baseline of
     Wang et al. 2019, EigenDamage). A unit's saliency is the OBD loss increase of deleting all
@@ -313,6 +315,7 @@ class _Producer:
         self.s_inv[:, i] = 0.0
 
 
+@register_variant("kfac-obs", "channel")
 class StructuredKFACOBS(StructuredMethod):
     """C-OBS: structured Optimal Brain Surgeon with the K-FAC Fisher (Hassibi & Stork 1993;
     Martens & Grosse 2015; the C-OBS baseline of Wang et al. 2019, EigenDamage).
