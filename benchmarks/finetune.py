@@ -26,7 +26,7 @@ from brainsurgeon.schedules import schedule_targets, split_budget
 
 EPOCHS = 10
 STEPS = 5
-LR = 1e-3
+LR = 3e-3
 BATCH = 128
 CASES = [("lenet300", 0.95, 1.0), ("lenet300", 0.98, 2.0), ("lenet5", 0.9, 0.5)]
 
@@ -83,7 +83,7 @@ def run_peer(model, data, sparsity: float, seed: int):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="magnitude", help="brainsurgeon methods for the pruning step")
+    p.add_argument("--methods", default="magnitude,obd", help="brainsurgeon methods for the pruning step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args(argv)

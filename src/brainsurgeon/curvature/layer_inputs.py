@@ -49,6 +49,9 @@ class LayerInputStats:
     hessian: torch.Tensor | None  # (in, in) float64, H = (2/N) X X^T
     sq_norms: torch.Tensor  # (in,) float64, |X_j|_2^2 summed over all N input rows (Wanda)
     num_rows: int  # N
+    #: (in, in) float64, G = (2/N) X_ref X^T: the same layer's inputs in a reference (dense) model
+    #: against this model's, for the error-correcting target min |W X_ref - W' X|^2
+    cross: torch.Tensor | None = None
 
 
 def check_supported(target: Target) -> None:
@@ -86,14 +89,16 @@ class _Accumulator:
 
     FLUSH_ELEMENTS = 2**24  # 64 MiB of float32 rows
 
-    def __init__(self, dim: int, device: torch.device, with_hessian: bool) -> None:
+    def __init__(self, dim: int, device: torch.device, with_hessian: bool, with_cross: bool = False) -> None:
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device) if with_hessian else None
+        self.cross = torch.zeros(dim, dim, dtype=torch.float64, device=device) if with_cross else None
         self.sq = torch.zeros(dim, dtype=torch.float64, device=device)
         self.rows = 0
         self._pending: list[torch.Tensor] = []
+        self._pending_ref: list[torch.Tensor] = []
         self._pending_elems = 0
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, ref_rows: torch.Tensor | None = None) -> None:
         rows = rows.detach()
         if not rows.is_floating_point():
             rows = rows.float()
@@ -102,6 +107,8 @@ class _Accumulator:
             self.sq += rows.to(torch.float64).square().sum(0)
         else:  # the squared norms are diag(X X^T): read them off at the end
             self._pending.append(rows)
+            if self.cross is not None:
+                self._pending_ref.append(ref_rows.detach().to(rows.dtype))
             self._pending_elems += rows.numel()
             if self._pending_elems >= self.FLUSH_ELEMENTS:
                 self._flush()
@@ -113,6 +120,10 @@ class _Accumulator:
         self._pending, self._pending_elems = [], 0
         # one fast matmul in the activations' dtype, summed in float64
         self.xtx += (x.T @ x).to(torch.float64)
+        if self.cross is not None:
+            ref = self._pending_ref[0] if len(self._pending_ref) == 1 else torch.cat(self._pending_ref)
+            self._pending_ref = []
+            self.cross += (ref.T @ x).to(torch.float64)
 
     def result(self) -> LayerInputStats:
         n = max(self.rows, 1)
@@ -121,7 +132,8 @@ class _Accumulator:
             self._flush()
             self.sq = torch.diagonal(self.xtx).clone()
             hessian = self.xtx.mul_(2.0 / n)
-        return LayerInputStats(hessian=hessian, sq_norms=self.sq, num_rows=self.rows)
+        cross = None if self.cross is None else self.cross.mul_(2.0 / n)
+        return LayerInputStats(hessian=hessian, sq_norms=self.sq, num_rows=self.rows, cross=cross)
 
 
 def layer_input_stats(
@@ -157,4 +169,43 @@ def layer_input_stats(
                     )
     finally:
         handle.remove()
+    return acc.result()
+
+
+def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The input rows of ``module`` when ``model`` runs on ``x`` (the forward stops at the layer)."""
+    box: list[torch.Tensor] = []
+
+    def hook(mod, args):
+        box.append(input_rows(mod, args[0]))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            try:
+                model(x)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not box:
+        raise BrainsurgeonError(
+            f"layer {name!r} is not called in the model's forward pass, so it has no calibration inputs; "
+            "exclude it with layers={'exclude': [...]}"
+        )
+    return box[0]
+
+
+def paired_input_stats(
+    model: nn.Module, target: Target, reference: nn.Module, ref_module: nn.Module, calib: Calibration, track=None
+) -> LayerInputStats:
+    """H = (2/N) X X^T of ``target``'s inputs in ``model`` and the cross term G = (2/N) X_ref X^T with
+    the same layer's inputs X_ref in ``reference`` (the dense network), batch by batch."""
+    check_supported(target)
+    acc = _Accumulator(target.weight_matrix().shape[1], target.weight.device, with_hessian=True, with_cross=True)
+    batches = calib.batches if track is None else track(calib.batches, f"inputs of {target.name}", total=len(calib.batches))
+    for x, _ in batches:
+        rows = _capture_input(model, target.module, x, target.name)
+        acc.add(rows, _capture_input(reference, ref_module, x, target.name))
     return acc.result()

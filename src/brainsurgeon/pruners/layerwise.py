@@ -17,6 +17,30 @@ dead weights the count does not need are given back their original values afterw
 change the layer's output on the calibration data, and a mask that keeps them must keep a value),
 so the per-layer count stays exact. H is damped by ``percdamp`` times its mean diagonal (1%).
 
+Error correction (``error_correction``: True, False, or "auto", the default of OBC and SparseGPT:
+on with ``allocation="global"``, off otherwise). Solving each layer
+for its *own* outputs on the pruned inputs, min |W X_p - W' X_p|^2 (the SparseGPT reference), lets
+the error of the earlier layers accumulate. Instead each layer is fitted to the *dense* network's
+outputs of that layer, as He, Zhang & Sun 2017 (channel pruning, section 3.3) reconstruct the
+original feature maps:
+
+    min_{W' sparse} |W X_d - W' X_p|^2 + lambda |W' - W|^2,     X_d: the layer's inputs in the dense model.
+
+Its unconstrained optimum is  W^ = (W G + lambda W)(H + lambda I)^-1  with G = (2/N) X_d X_p^T, and
+the objective equals |(W' - W^) X_p|^2 (+ lambda terms) up to a constant, so the same OBS solvers
+run on W^ with the same damped H. The proximal lambda term (lambda = the damping above) makes
+W^ = W exactly where X_p = X_d (the first layer) instead of shrinking weights towards zero.
+Measured on LeNet-300-100 / Fashion-MNIST (dense 89.16%), SparseGPT, 1024 samples, test accuracy
+with error correction on / off:
+
+    sparsity            0.8            0.9            0.95           0.98
+    global allocation   88.61 / 88.24  86.90 / 82.90  82.98 / 65.64  80.95 / 50.55
+    uniform allocation  83.02 / 85.99  62.58 / 79.41  53.53 / 57.77  30.67 /  9.18
+
+Under uniform allocation the 10-way output layer, pruned as hard as the 784-wide first layer,
+cannot absorb the upstream error it is asked to undo (4096 or 16384 samples change nothing, so it
+is not over-fitting), while global allocation spares it. Hence "auto".
+
 Global allocation. Per-layer reconstruction errors live in each layer's own output units, and those
 are arbitrary (a layer's output can be scaled up and the next layer's weights down without changing
 the network), so they are not comparable as they are. The per-layer sparsities are chosen on the dense model from each
@@ -48,6 +72,7 @@ move. Hence "relative" is the default.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import ClassVar
 
@@ -55,7 +80,7 @@ import torch
 
 from ..allocation import Structure, global_counts, num_pruned
 from ..context import PruneContext
-from ..curvature.layer_inputs import LayerInputStats, check_supported, layer_input_stats
+from ..curvature.layer_inputs import LayerInputStats, check_supported, layer_input_stats, paired_input_stats
 from ..errors import BrainsurgeonError
 from .base import PruningMethod
 
@@ -99,6 +124,21 @@ def prepare_hessian(
     return h, w, dead, lam
 
 
+def corrected_weights(w: torch.Tensor, stats: LayerInputStats, percdamp: float) -> torch.Tensor:
+    """W^ = (W G + lambda W)(H + lambda I)^-1, the unconstrained optimum of the error-correcting fit
+    min |W X_d - W' X_p|^2 + lambda |W' - W|^2 (G = (2/N) X_d X_p^T, lambda = percdamp * mean diag H);
+    float64, solved through the Cholesky factor of the damped H."""
+    h = stats.hessian.double()
+    lam = percdamp * float(torch.diagonal(h).mean())
+    if lam == 0.0:  # no input is ever active: nothing to fit
+        return w
+    wd = w.double()
+    rhs = wd @ stats.cross.double() + lam * wd
+    lower = torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+    # W^ (H + lambda I) = rhs  <=>  (H + lambda I) W^T = rhs^T
+    return torch.cholesky_solve(rhs.T, lower).T.to(w.dtype)
+
+
 def cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
     """H^-1 of a symmetric positive-definite H through its Cholesky factor (float64)."""
     lower, info = torch.linalg.cholesky_ex(h.double())
@@ -128,8 +168,16 @@ class LayerwiseMethod(PruningMethod):
     supports_nm: ClassVar[bool] = True
     #: whether the solver needs H (Wanda only needs the input norms)
     needs_hessian: ClassVar[bool] = True
+    #: fit each layer to the dense network's outputs (see the module docstring); methods that update
+    #: weights take it as an option
+    error_correction: bool | str = False
 
-    def __init__(self, percdamp: float | None = None, global_saliency: str = "relative") -> None:
+    def __init__(
+        self, percdamp: float | None = None, global_saliency: str = "relative", error_correction: bool | str = False
+    ) -> None:
+        if not (isinstance(error_correction, bool) or error_correction == "auto"):
+            raise BrainsurgeonError(f"error_correction must be True, False or 'auto', got {error_correction!r}")
+        self.error_correction = error_correction
         if percdamp is not None and (
             isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not (0 < percdamp and math.isfinite(percdamp))
         ):
@@ -140,6 +188,12 @@ class LayerwiseMethod(PruningMethod):
         self.global_saliency = global_saliency
 
     # -------------------------------------------------------------- options and checks
+    def corrects_errors(self, ctx: PruneContext) -> bool:
+        """Whether this run fits layers to the dense outputs ("auto": with global allocation only)."""
+        if self.error_correction == "auto":
+            return ctx.options.allocation == "global" and not ctx.options.structure.is_nm
+        return bool(self.error_correction)
+
     def relative_damping(self, ctx: PruneContext) -> float:
         """``percdamp`` if given, else the run's ``damping``, else SparseGPT's 1%."""
         if self.percdamp is not None:
@@ -198,6 +252,8 @@ class LayerwiseMethod(PruningMethod):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition H, solve, restore the dead-input weights the count did not need, check the count."""
         dead = None
+        if stats.cross is not None:
+            w = corrected_weights(w, stats, self.relative_damping(ctx))
         if stats.hessian is not None:
             h, w_in, dead, lam = prepare_hessian(stats.hessian, w, self.relative_damping(ctx), inplace=True)
             ctx.numerics.damp(name, lam)
@@ -225,10 +281,17 @@ class LayerwiseMethod(PruningMethod):
         counts = self.layer_counts(ctx)
         ctx.extra_report["target_sparsity"] = {t.name: counts[t.name] / t.weight.numel() for t in ctx.targets}
         masks = {}
+        # the dense network, whose layer outputs are the targets of the error-correcting fit
+        dense = copy.deepcopy(ctx.model) if self.corrects_errors(ctx) else None
+        ctx.extra_report["error_correction"] = dense is not None
+        dense_modules = dict(dense.named_modules()) if dense is not None else {}
         for t in ctx.track(ctx.targets, f"{self.name}: layers", total=len(ctx.targets)):
             with ctx.timer("statistics"):
                 # the working copy: earlier layers are already pruned and compensated
-                stats = layer_input_stats(ctx.model, t, ctx.calib, with_hessian=self.needs_hessian)
+                if dense is not None:
+                    stats = paired_input_stats(ctx.model, t, dense, dense_modules[t.name], ctx.calib)
+                else:
+                    stats = layer_input_stats(ctx.model, t, ctx.calib, with_hessian=self.needs_hessian)
             with ctx.timer("solve"):
                 w = t.weight_matrix().detach()
                 w_new, keep = self.prune_layer(t.name, w, stats, counts[t.name], ctx)

@@ -150,13 +150,18 @@ class OBC(LayerwiseMethod):
 
     Options: ``percdamp`` (default: the run's ``damping``, else 0.01), ``chunk_rows`` (rows solved
     at once; default: as many as fit in 256 MiB), ``global_saliency`` (see layerwise).
+    ``error_correction`` (default "auto": on with global allocation; True: each layer is fitted
+    to the dense network's outputs; see layerwise).
     """
 
     summary = "OBC (Frantar & Alistarh 2022): exact greedy OBS per output row on the layer's X X^T."
     supports_nm: ClassVar[bool] = True
 
-    def __init__(self, percdamp: float | None = None, chunk_rows: int | None = None, global_saliency: str = "relative") -> None:
-        super().__init__(percdamp=percdamp, global_saliency=global_saliency)
+    def __init__(
+        self, percdamp: float | None = None, chunk_rows: int | None = None, global_saliency: str = "relative",
+        error_correction: bool | str = "auto",
+    ) -> None:
+        super().__init__(percdamp=percdamp, global_saliency=global_saliency, error_correction=error_correction)
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise BrainsurgeonError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         self.chunk_rows = chunk_rows

@@ -172,7 +172,10 @@ class SparseGPT(LayerwiseMethod):
     The count per layer is exact (each mask block prunes its cumulative-rounding share).
 
     Options: ``blocksize`` (128), ``mask_blocksize`` (default = blocksize; must divide it),
-    ``percdamp`` (default: the run's ``damping``, else 0.01), ``global_saliency`` (see layerwise).
+    ``percdamp`` (default: the run's ``damping``, else 0.01), ``global_saliency`` (see layerwise),
+    ``error_correction`` (default "auto": on with global allocation; True: each layer is fitted
+    to the dense network's outputs; False: to its own outputs on the pruned inputs, as the
+    SparseGPT reference does; see layerwise).
     """
 
     summary = "SparseGPT (Frantar & Alistarh 2023): fixed-order OBS with one Cholesky factor, lazy block updates."
@@ -180,9 +183,9 @@ class SparseGPT(LayerwiseMethod):
 
     def __init__(
         self, blocksize: int = 128, mask_blocksize: int | None = None, percdamp: float | None = None,
-        global_saliency: str = "relative",
+        global_saliency: str = "relative", error_correction: bool | str = "auto",
     ) -> None:
-        super().__init__(percdamp=percdamp, global_saliency=global_saliency)
+        super().__init__(percdamp=percdamp, global_saliency=global_saliency, error_correction=error_correction)
         for name, value in (("blocksize", blocksize), ("mask_blocksize", mask_blocksize)):
             if value is None and name == "mask_blocksize":
                 continue
