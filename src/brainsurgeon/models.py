@@ -188,10 +188,17 @@ def build_model(spec: dict) -> nn.Module:
     if "arch" in spec:
         if spec["arch"] not in ARCHITECTURES:
             raise BrainsurgeonError(f"unknown architecture {spec['arch']!r}; choose one of {sorted(ARCHITECTURES)}")
-        return ARCHITECTURES[spec["arch"]](**kwargs)
-    if "factory" in spec:
-        return _resolve_factory(spec["factory"])(**kwargs)
-    raise BrainsurgeonError("a model spec needs either 'arch' (a reference model) or 'factory' ('pkg.module:fn')")
+        model = ARCHITECTURES[spec["arch"]](**kwargs)
+    elif "factory" in spec:
+        model = _resolve_factory(spec["factory"])(**kwargs)
+    else:
+        raise BrainsurgeonError("a model spec needs either 'arch' (a reference model) or 'factory' ('pkg.module:fn')")
+    if spec.get("modules"):
+        # the layers a structured pruning made smaller or replaced (see architecture.spec_of)
+        from .architecture import apply_modules
+
+        apply_modules(model, spec["modules"])
+    return model
 
 
 def _resolve_factory(factory: str) -> Callable[..., nn.Module]:

@@ -206,7 +206,8 @@ def prune_cmd(
     factory: Annotated[Optional[str], typer.Option(help="package.module:function that builds the model")] = None,
     factory_kwargs: Annotated[Optional[str], typer.Option(help="JSON object of the factory's keyword arguments")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="directory of the Fashion-MNIST idx files")] = None,
-    structure: Annotated[str, typer.Option(help="unstructured or N:M (e.g. 2:4)")] = "unstructured",
+    structure: Annotated[str, typer.Option(help="unstructured, N:M (e.g. 2:4), or channel (whole units)")] = "unstructured",
+    compact: Annotated[bool, typer.Option(help="with --structure channel: physically smaller layers (else zeroed units)")] = True,
     allocation: Annotated[str, typer.Option(help="uniform or global")] = "uniform",
     max_layer_sparsity: Annotated[float, typer.Option(help="cap per layer under global allocation")] = 0.99,
     num_samples: Annotated[int, typer.Option(help="calibration samples (from the training split)")] = 1024,
@@ -241,7 +242,8 @@ def prune_cmd(
     res = engine.prune(
         net, ds.train, method, sparsity, structure=structure, allocation=allocation,
         max_layer_sparsity=max_layer_sparsity, num_samples=num_samples, damping=damping, layers=layers,
-        seed=seed, device=device, batch_size=batch_size, progress=False if quiet else None, **method_options,
+        seed=seed, device=device, batch_size=batch_size, progress=False if quiet else None,
+        **({"compact": compact} if structure == "channel" else {}), **method_options,
     )
     before = evaluate(net, ds.test, device=device)  # after pruning: the engine checks the data first
     after = evaluate(res.model, ds.test, device=device)
@@ -257,7 +259,9 @@ def prune_cmd(
         "loss_after": after["loss"],
     }
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(res.model.cpu(), out / "model.safetensors", spec, extra={"brainsurgeon.method": method})
+    # a compact (structured) model carries the spec of its smaller layers
+    save_weights(res.model.cpu(), out / "model.safetensors", getattr(res.model, "brainsurgeon_spec", spec),
+                 extra={"brainsurgeon.method": method})
     write_json(out / "report.json", report)
     if not quiet:
         _print_prune_summary(report, out)
@@ -270,10 +274,13 @@ def _print_prune_summary(report: dict, out: Path) -> None:
     table.add_column("weights", justify="right")
     table.add_column("target sparsity", justify="right")
     table.add_column("achieved sparsity", justify="right")
-    for name, rep in report["layers"].items():
-        table.add_row(name, str(rep["numel"]), _fmt_sparsity(rep["target_sparsity"]), _fmt_sparsity(rep["achieved_sparsity"]))
-    table.add_section()
-    table.add_row("overall", str(ov["numel"]), _fmt_sparsity(ov["target_sparsity"]), _fmt_sparsity(ov["achieved_sparsity"]))
+    if report["options"]["structure"] == "channel":
+        _structured_rows(table, report)
+    else:
+        for name, rep in report["layers"].items():
+            table.add_row(name, str(rep["numel"]), _fmt_sparsity(rep["target_sparsity"]), _fmt_sparsity(rep["achieved_sparsity"]))
+        table.add_section()
+        table.add_row("overall", str(ov["numel"]), _fmt_sparsity(ov["target_sparsity"]), _fmt_sparsity(ov["achieved_sparsity"]))
     console = _console()
     console.print(table)
     console.print(
@@ -282,6 +289,19 @@ def _print_prune_summary(report: dict, out: Path) -> None:
         f"{report['timings']['total_s']:.2f} s"
     )
     console.print(f"wrote {out / 'model.safetensors'} and {out / 'report.json'}")
+
+
+def _structured_rows(table: Table, report: dict) -> None:
+    """Rows of a structured report: units per group, and parameters/FLOPs before and after."""
+    table.columns[1].header, table.columns[2].header, table.columns[3].header = "units", "removed", "units after"
+    for name, g in report.get("groups", {}).items():
+        table.add_row(name, str(g["units_before"]), str(g["removed"]), str(g["units_after"]) + (" (capped)" if g["capped"] else ""))
+    cost = report.get("cost")
+    if cost:
+        table.add_section()
+        for key in ("params", "flops"):
+            if key in cost["before"]:
+                table.add_row(key, str(cost["before"][key]), "", str(cost["after"][key]))
 
 
 # ----------------------------------------------------------------------------- evaluate

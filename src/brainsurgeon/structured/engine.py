@@ -64,11 +64,11 @@ def prune_channels(
         # methods that replace layers rather than remove units (EigenDamage) run their own flow
         if not compact:
             raise BrainsurgeonError(f"method {method!r} replaces layers by smaller ones; it has no compact=False form")
-        return algo.prune_model(
+        return _carry_spec(model, algo.prune_model(
             model, data, opts.sparsity, allocation=allocation, max_layer_sparsity=max_layer_sparsity,
             loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
             batch_size=batch_size, progress=progress,
-        )
+        ))
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     if not callable(loss_fn):
         raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")
@@ -118,7 +118,17 @@ def prune_channels(
     after = cost(work, sample_shape, opts.device, dtype)
     report = _report(ctx, algo, groups, keep, units_before, capped, before, after, shapes_before, compact, layers, t_start)
     work.train(model.training)
-    return PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in keep.items()})
+    return _carry_spec(model, PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in keep.items()}))
+
+
+def _carry_spec(model: nn.Module, result):
+    """Give the pruned model the architecture spec of its new shapes, when the input had a spec."""
+    base = getattr(model, "brainsurgeon_spec", None)
+    if base is not None:
+        from ..architecture import spec_of
+
+        result.model.brainsurgeon_spec = spec_of(result.model, base)
+    return result
 
 
 def _check_keep(groups: GroupSet, keep: dict[str, torch.Tensor], counts: dict[str, int], method: str) -> None:
