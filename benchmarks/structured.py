@@ -17,7 +17,6 @@ import copy
 import sys
 import time
 
-import torch
 from torch import nn
 
 from common import accuracy, calibration, dataset, dense_model  # noqa: E402  (sets sys.path)
@@ -32,7 +31,12 @@ SECOND_ORDER = ["obd", "kfac-obs"]  # structure="channel" variants of the unstru
 
 
 def criteria() -> list[str]:
-    return sorted(set(structured_methods()) | set(SECOND_ORDER))
+    """Criteria that remove a ratio of units (EigenDamage removes weights in its eigenbasis: part 3)."""
+    from brainsurgeon.registry import get_method
+    from brainsurgeon.structured.groups import WholeModelMethod
+
+    unit_methods = {m for m in structured_methods() if not issubclass(get_method(m), WholeModelMethod)}
+    return sorted(unit_methods | set(SECOND_ORDER))
 
 
 def prune(model, calib, method, ratio, **kw):

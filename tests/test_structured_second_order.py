@@ -1,7 +1,6 @@
 """C-OBD, C-OBS and reconstruction (structured second-order criteria) against brute force."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -9,14 +8,11 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 import brainsurgeon as bs
-from brainsurgeon.allocation import Structure
 from brainsurgeon.context import PruneContext
 from brainsurgeon.data import Calibration
 from brainsurgeon.engine import build_options
-from brainsurgeon.structured.compact import compact
 from brainsurgeon.structured.groups import StructuredContext, build_groups, example_input
 from brainsurgeon.structured.reconstruction import (
-    Reconstruction,
     contribution_gram,
     greedy_removal,
     input_moments,

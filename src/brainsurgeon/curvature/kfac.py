@@ -133,19 +133,33 @@ def kfac_factors(
     check_fisher_loss(kind, loss_fn, instead="fisher='exact' or 'empirical'")
     for t in targets:
         check_kfac_layer(t)
+    has_bias = {t.name: getattr(t.module, "bias", None) is not None for t in targets}
+
+    def patches_with_bias(t: Target, x: torch.Tensor) -> torch.Tensor:
+        a = layer_inputs(t.module, x).double()
+        if has_bias[t.name]:  # the bias folded into A as a constant input 1
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        return a.reshape(-1, a.shape[-1])
+
+    sums = factor_sums(model, targets, calib, loss_fn, kind, generator, track, patches_with_bias)
+    return {
+        t.name: KFACFactors(name=t.name, A=sums[t.name][0], S=sums[t.name][1], has_bias=has_bias[t.name])
+        for t in targets
+    }
+
+
+def factor_sums(model, targets, calib, loss_fn, kind: str, generator, track, input_rows) -> dict:
+    """{name: (A, S)} in float64, A = E[a a^T] over the rows ``input_rows(target, layer input)``
+    (per sample; summed over a conv's positions), S = E[s s^T] averaged over output positions,
+    s from the back-propagated signals of ``kind`` (one backward pass per signal)."""
     sums_a: dict[str, torch.Tensor] = {}
     sums_s: dict[str, torch.Tensor] = {}
-    has_bias = {t.name: getattr(t.module, "bias", None) is not None for t in targets}
     taps = LayerTaps(targets)
-    batches = calib.batches
-    for x, y in track(batches, "K-FAC factors", len(batches)):
+    for x, y in track(calib.batches, "K-FAC factors", len(calib.batches)):
         with torch.enable_grad(), taps:
             out = model(x)
         for t in targets:
-            a = layer_inputs(t.module, taps.inputs[t.name]).double()
-            if has_bias[t.name]:
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            a = a.reshape(-1, a.shape[-1])
+            a = input_rows(t, taps.inputs[t.name])
             sums_a[t.name] = sums_a.get(t.name, 0) + a.T @ a
         signals = backprop_signals(loss_fn, out, y, kind, generator)
         for k in range(signals.shape[0]):
@@ -156,10 +170,7 @@ def kfac_factors(
                 s = s.reshape(-1, s.shape[-1])
                 sums_s[t.name] = sums_s.get(t.name, 0) + (s.T @ s) / positions
     n = calib.num_samples
-    return {
-        t.name: KFACFactors(name=t.name, A=sums_a[t.name] / n, S=sums_s[t.name] / n, has_bias=has_bias[t.name])
-        for t in targets
-    }
+    return {t.name: (sums_a[t.name] / n, sums_s[t.name] / n) for t in targets}
 
 
 def weight_with_bias(t: Target) -> torch.Tensor:

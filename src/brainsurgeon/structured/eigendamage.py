@@ -46,7 +46,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..curvature.diagonal import (
@@ -57,7 +56,7 @@ from ..curvature.diagonal import (
     layer_inputs,
     layer_output_grads,
 )
-from ..curvature.kfac import _SIGNAL, check_fisher_kind, check_kfac_layer
+from ..curvature.kfac import _SIGNAL, check_fisher_kind, check_kfac_layer, factor_sums
 from ..errors import BrainsurgeonError
 from ..registry import register
 from ..targets import Target
@@ -97,25 +96,10 @@ def rotate_channels(module: nn.Module, x: torch.Tensor, q: torch.Tensor) -> torc
 
 def kfac_channel_factors(model, targets: list[Target], calib, loss_fn, kind: str, generator, track):
     """{name: (A, S)} in float64: A over input channels (conv) / inputs (Linear), S over outputs."""
-    sums_a: dict[str, torch.Tensor] = {}
-    sums_s: dict[str, torch.Tensor] = {}
-    taps = LayerTaps(targets)
-    for x, y in track(calib.batches, "K-FAC factors", len(calib.batches)):
-        with torch.enable_grad(), taps:
-            out = model(x)
-        for t in targets:
-            a = channel_inputs(t.module, taps.inputs[t.name]).double()
-            sums_a[t.name] = sums_a.get(t.name, 0) + a.T @ a
-        signals = backprop_signals(loss_fn, out, y, kind, generator)
-        for k in range(signals.shape[0]):
-            grads = taps.output_grads(out, signals[k].to(out.dtype), retain_graph=k < signals.shape[0] - 1)
-            for t in targets:
-                s = layer_output_grads(t.module, grads[t.name]).double()
-                positions = s.shape[1]
-                s = s.reshape(-1, s.shape[-1])
-                sums_s[t.name] = sums_s.get(t.name, 0) + (s.T @ s) / positions
-    n = calib.num_samples
-    return {t.name: (sums_a[t.name] / n, sums_s[t.name] / n) for t in targets}
+    return factor_sums(
+        model, targets, calib, loss_fn, kind, generator, track,
+        lambda t, x: channel_inputs(t.module, x).double(),
+    )
 
 
 def eigenbasis(a: torch.Tensor, s: torch.Tensor) -> EigenBasis:

@@ -25,7 +25,6 @@ the unpruned network (one pass; ThiNet's layer-by-layer re-collection is not don
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 from torch import nn

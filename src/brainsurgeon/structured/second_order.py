@@ -42,7 +42,6 @@ losses add and each producer is compensated with its own factors.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
