@@ -49,7 +49,7 @@ def _zero_sets(model, names):
 def _unstructured_methods():
     from brainsurgeon.registry import get_method
 
-    return [m for m in non_nm_methods() + nm_methods() if m != "greedy" and "unstructured" in get_method(m).structures]
+    return [m for m in non_nm_methods() + nm_methods() if "unstructured" in get_method(m).structures]
 
 
 @pytest.mark.parametrize("method", _unstructured_methods())
@@ -179,7 +179,7 @@ def test_sensitivity_allocation_in_prune(mlp_case, method):
 
 def test_greedy_respects_tolerance_and_rolls_back(mlp_case):
     model, data = mlp_case
-    res = bs.prune(model, data, "greedy", 0.9, tolerance=0.05, chunk=0.1)
+    res = bs.prune(model, data, "greedy", 0.9, tolerance=0.05, chunk=0.1, shortfall="stop")
     g = res.report["greedy"]
     base = evaluate(model, data)["loss"]
     assert g["base_val_loss"] == pytest.approx(base)
@@ -189,6 +189,20 @@ def test_greedy_respects_tolerance_and_rolls_back(mlp_case):
     for name, keep in res.masks.items():
         assert torch.equal(res.model.get_submodule(name).weight[keep], model.get_submodule(name).weight[keep])
     assert res.report["overall"]["zeros"] == g["pruned_count"]
+
+
+def test_greedy_fills_the_shortfall_by_least_loss_and_says_so(mlp_case):
+    model, data = mlp_case
+    stop = bs.prune(model, data, "greedy", 0.9, tolerance=0.05, chunk=0.1, shortfall="stop")
+    res = bs.prune(model, data, "greedy", 0.9, tolerance=0.05, chunk=0.1)
+    g = res.report["greedy"]
+    assert g["reached_target"] and not g["reached_within_tolerance"] and g["forced"] > 0
+    assert any("shortfall" in f for f in res.report["numerics"]["fallbacks"])
+    for name, r in res.report["layers"].items():
+        assert r["pruned"] == round(0.9 * r["numel"])
+        # the tolerance-bound part is the same search as with shortfall="stop"
+        assert torch.all(~res.masks[name][~stop.masks[name]])
+    assert not stop.report["numerics"]["fallbacks"]
 
 
 def test_greedy_reaches_the_target_when_tolerant(mlp_case):
@@ -217,7 +231,7 @@ class _TwoPaths(nn.Module):
 def test_greedy_layer_mode_removes_only_harmless_layers():
     data = tiny_data((8,))
     model = _TwoPaths()
-    res = bs.prune(model, data, "greedy", 0.5, unit="layer", tolerance=0.01)
+    res = bs.prune(model, data, "greedy", 0.5, unit="layer", tolerance=0.01, shortfall="stop")
     assert res.report["layers"]["side"]["achieved_sparsity"] == 1.0
     assert res.report["layers"]["head"]["achieved_sparsity"] == 0.0
     assert res.report["greedy"]["reached_target"]
@@ -228,6 +242,8 @@ def test_greedy_bad_options():
         bs.prune(nn.Linear(8, 4), tiny_data((8,)), "greedy", 0.5, criterion="obs")
     with pytest.raises(BrainsurgeonError, match="unit"):
         bs.prune(nn.Linear(8, 4), tiny_data((8,)), "greedy", 0.5, unit="row")
+    with pytest.raises(BrainsurgeonError, match="shortfall"):
+        bs.prune(nn.Linear(8, 4), tiny_data((8,)), "greedy", 0.5, shortfall="maybe")
 
 
 # ----------------------------------------------------------------------------- reports and compare

@@ -253,13 +253,14 @@ def run_schedule(
     if allocation == "sensitivity":
         from .sensitivity import default_ratios, sensitivity
 
+        t_sens = time.perf_counter()
         ratios = sensitivity_ratios or default_ratios(opts.sparsity, max_layer_sparsity)
         sens = sensitivity(
             model, data, method, ratios, layers=layers, loss_fn=loss_fn, num_samples=num_samples,
             damping=damping, seed=seed, device=device, batch_size=batch_size, progress=progress, **method_options,
         )
         final_alloc = sens.allocate(opts.sparsity, max_layer_sparsity)
-        sens_report = {**sens.to_dict(), "allocation": final_alloc}
+        sens_report = {**sens.to_dict(), "allocation": final_alloc, "seconds": time.perf_counter() - t_sens}
     numel = {t.name: t.weight.numel() for t in find_targets(model, layers)}
 
     res = None
@@ -310,6 +311,8 @@ def run_schedule(
     timings = dict(report["timings"])
     timings["prune_s"] = sum(h["prune_seconds"] for h in history)
     timings["finetune_s"] = sum(h.get("finetune_seconds", 0.0) for h in history)
+    if sens_report is not None:
+        timings["sensitivity_s"] = sens_report["seconds"]
     timings["total_s"] = time.perf_counter() - t_start
     report["timings"] = timings
     if checkpoint is not None:

@@ -13,6 +13,7 @@ from ..registry import register
 from .base import PruningMethod, SaliencyMethod
 
 UNITS = ("chunk", "layer")
+SHORTFALL = ("fill", "stop")
 
 
 @torch.no_grad()
@@ -45,14 +46,22 @@ class GreedyRollback(PruningMethod):
     * ``"layer"``: whole layers (useful when a residual path bypasses them), least important first
       by mean saliency, accepted only if the target count is not exceeded; layers are emptied.
 
-    The calibration data is the validation data: pass held-out samples as ``data``. The achieved
-    sparsity is below the target when the tolerance stops the search; the report says so
-    (``greedy``: accepted/rejected counts, losses, whether the target was reached).
+    The calibration data is the validation data: pass held-out samples as ``data``.
+
+    When the tolerance stops the search before the target (``shortfall``): ``"stop"`` returns the
+    model as it is, below the target sparsity (the loop exactly as in section 5); ``"fill"`` (the
+    default, so that ``bs.prune`` meets its exact-count contract) removes the rest one chunk at a
+    time, each time the candidate chunk with the smallest measured validation loss, and records
+    this as a numerical fallback. The report's ``greedy`` entry gives accepted/rejected/forced
+    counts, the losses and whether the target was reached within the tolerance.
     """
 
     summary = "Greedy removal, kept only if validation loss stays within a tolerance (rollback otherwise)."
 
-    def __init__(self, criterion: str = "magnitude", unit: str = "chunk", chunk: float = 0.05, tolerance: float = 0.1) -> None:
+    def __init__(
+        self, criterion: str = "magnitude", unit: str = "chunk", chunk: float = 0.05, tolerance: float = 0.1,
+        shortfall: str = "fill",
+    ) -> None:
         from ..registry import _REGISTRY, _load_builtin
 
         _load_builtin()
@@ -66,6 +75,9 @@ class GreedyRollback(PruningMethod):
             raise BrainsurgeonError(f"greedy chunk must be a fraction of a layer in (0, 1], got {chunk!r}")
         if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not (tolerance >= 0 and math.isfinite(tolerance)):
             raise BrainsurgeonError(f"greedy tolerance must be a non-negative number (relative loss increase), got {tolerance!r}")
+        if shortfall not in SHORTFALL:
+            raise BrainsurgeonError(f"greedy shortfall must be one of {SHORTFALL}, got {shortfall!r}")
+        self.shortfall = shortfall
         self.criterion = criterion
         self.unit = unit
         self.chunk = float(chunk)
@@ -89,13 +101,23 @@ class GreedyRollback(PruningMethod):
         with ctx.timer("solve"):
             base = validation_loss(ctx)
             limit = base * (1.0 + self.tolerance) if base > 0 else self.tolerance
+            caps = self._caps(ctx)
             total = sum(t.weight.numel() for t in ctx.targets)
-            want = num_pruned(total, ctx.options.sparsity)
-            log = {"accepted": 0, "rejected": 0, "evaluations": 0}
+            # uniform: every layer at its own exact count; global: the overall count under the caps
+            per_layer = ctx.options.allocation != "global" and self.unit == "chunk"
+            want = sum(caps.values()) if per_layer else num_pruned(total, ctx.options.sparsity)
+            log = {"accepted": 0, "rejected": 0, "forced": 0, "evaluations": 0}
             if self.unit == "layer":
                 pruned = self._layers(ctx, scores, want, limit, log)
             else:
-                pruned = self._chunks(ctx, scores, want, limit, log)
+                pruned = self._chunks(ctx, scores, caps, want, limit, log)
+            within = sum(len(v) for v in pruned.values())
+            if within < want and self.shortfall == "fill":
+                pruned = self._fill(ctx, scores, caps, pruned, want, log)
+                ctx.numerics.fallback(
+                    "greedy", f"the tolerance stopped the search at {within} of {want} weights; the remaining "
+                    f"{want - within} were removed by least validation loss (shortfall='fill'; 'stop' keeps the model there)",
+                )
             masks = {}
             for t in ctx.targets:
                 keep = torch.ones(t.weight.numel(), dtype=torch.bool, device=t.weight.device)
@@ -105,7 +127,7 @@ class GreedyRollback(PruningMethod):
             ctx.extra_report["greedy"] = {
                 **log, "unit": self.unit, "criterion": self.criterion, "base_val_loss": base, "limit": limit,
                 "final_val_loss": validation_loss(ctx), "target_count": want, "pruned_count": n_pruned,
-                "reached_target": n_pruned == want,
+                "reached_target": n_pruned == want, "reached_within_tolerance": within == want,
             }
             ctx.extra_report["target_sparsity"] = {t.name: len(pruned[t.name]) / t.weight.numel() for t in ctx.targets}
         return masks
@@ -124,8 +146,7 @@ class GreedyRollback(PruningMethod):
         log["rejected"] += 1
         return False
 
-    def _chunks(self, ctx, scores, want: int, limit: float, log: dict) -> dict[str, torch.Tensor]:
-        caps = self._caps(ctx)
+    def _chunks(self, ctx, scores, caps, want: int, limit: float, log: dict) -> dict[str, torch.Tensor]:
         order = {n: torch.argsort(s, stable=True) for n, s in scores.items()}
         pos = dict.fromkeys(order, 0)
         size = {t.name: max(1, int(round(self.chunk * t.weight.numel()))) for t in ctx.targets}
@@ -161,3 +182,39 @@ class GreedyRollback(PruningMethod):
                 pruned[t.name] = idx.cpu()
                 count += n
         return pruned
+
+    def _fill(self, ctx, scores, caps, pruned, want: int, log: dict) -> dict[str, torch.Tensor]:
+        """Remove the rest regardless of the tolerance: each time the layer chunk whose removal
+        measures the smallest validation loss (every open layer's next chunk is tried)."""
+        order = {}
+        for t in ctx.targets:
+            done = torch.zeros(t.weight.numel(), dtype=torch.bool)
+            done[pruned[t.name]] = True
+            rest = torch.argsort(scores[t.name], stable=True)
+            order[t.name] = torch.cat([pruned[t.name], rest[~done[rest]]])  # pruned first, then by criterion
+        pos = {n: len(p) for n, p in pruned.items()}
+        size = {t.name: max(1, int(round(self.chunk * t.weight.numel()))) for t in ctx.targets}
+        count = sum(pos.values())
+        while count < want:
+            best = None
+            for t in ctx.targets:
+                c = min(size[t.name], caps[t.name] - pos[t.name], want - count)
+                if c <= 0:
+                    continue
+                idx = order[t.name][pos[t.name] : pos[t.name] + c].to(t.weight.device)
+                flat = t.weight.data.view(-1)
+                saved = flat[idx].clone()
+                flat[idx] = 0
+                loss = validation_loss(ctx)
+                log["evaluations"] += 1
+                flat[idx] = saved
+                if best is None or loss < best[0]:
+                    best = (loss, t, idx)
+            if best is None:  # every layer at its cap: cannot happen for valid caps (checked by the engine)
+                break
+            _, t, idx = best
+            t.weight.data.view(-1)[idx] = 0
+            pos[t.name] += len(idx)
+            count += len(idx)
+            log["forced"] += 1
+        return {n: order[n][: pos[n]] for n in order}
