@@ -11,7 +11,6 @@ Targets: LeNet-300-100 at 0.95 (<= 1 point below dense) and 0.98 (<= 2 points); 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch

@@ -12,7 +12,7 @@ from brainsurgeon.errors import BrainsurgeonError
 from brainsurgeon.evaluate import evaluate
 from brainsurgeon.finetune import FineTune, infer_masks
 
-from conftest import tiny_cnn, tiny_data
+from conftest import tiny_data
 
 
 def _random_masks(model, seed=0, keep=0.5):

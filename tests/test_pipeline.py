@@ -1,7 +1,6 @@
 """Schedules, earlier-pruned weights staying pruned, sensitivity allocation, greedy search, reports, compare."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

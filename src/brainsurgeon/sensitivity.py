@@ -14,7 +14,6 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-import torch
 
 from .allocation import num_pruned
 from .errors import BrainsurgeonError
