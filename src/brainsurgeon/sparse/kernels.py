@@ -74,10 +74,10 @@ class Engine:
         return None
 
     def prepare(self, csr: CSR) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every engine implements it
 
     def apply(self, state: Any, xt: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract: every engine implements it
 
 
 class DenseEngine(Engine):
