@@ -21,8 +21,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m brainsurgeon.demo
 
+# OBC is O(out * in^3) per layer: it runs at the target sparsities with global allocation only
 bench-oneshot: $(STAMP)
-	$(PY) benchmarks/oneshot.py
+	$(PY) benchmarks/oneshot.py --skip obc
+	$(PY) benchmarks/oneshot.py --methods obc --allocations global --sparsities 0.8 0.9 0.95 --merge
 
 bench-layer-speed: $(STAMP)
 	$(PY) benchmarks/layer_speed.py
