@@ -30,7 +30,7 @@ bench-layer-speed: $(STAMP)
 	$(PY) benchmarks/layer_speed.py
 
 bench-structured: $(STAMP)
-	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/structured.py --parts 1,2,3
 
 bench-finetune: $(STAMP)
 	$(PY) benchmarks/finetune.py

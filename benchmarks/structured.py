@@ -17,6 +17,8 @@ import copy
 import sys
 import time
 
+import torch
+
 from torch import nn
 
 from common import accuracy, calibration, dataset, dense_model  # noqa: E402  (sets sys.path)
@@ -111,7 +113,7 @@ def part_lenet300(data, n_calib: int) -> str:
 
 
 def part_resnet(data, n_calib: int) -> str:
-    model, _, _ = dense_model("resnet", data, epochs=8)
+    model, _, _ = dense_model("resnet", data, epochs=3)
     model.eval()
     calib = calibration(data, n_calib)
     dense = accuracy(model, data)
@@ -192,20 +194,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="1,2,3")
     ap.add_argument("--calib", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stable latencies, and no thread thrashing on a shared 2-core machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     data = dataset("fashion-mnist")
     parts = {"1": part_lenet300, "2": part_resnet, "3": part_lenet5}
-    body = []
+    titles = {"1": "LeNet-300-100 neurons", "2": "SmallResNet channels to half the FLOPs", "3": "LeNet-5: EigenDamage, C-OBS, C-OBD"}
     for p in args.parts.split(","):
         t0 = time.perf_counter()
-        body.append(parts[p](data, args.calib))
-        body.append(f"(part {p}: {time.perf_counter() - t0:.0f} s)\n")
-    record_section(
-        "structured", "Structured pruning (one-shot, no fine-tuning)",
-        "make bench-structured" if args.parts == "1,2,3" and args.calib == 1024
-        else f"python benchmarks/structured.py --parts {args.parts} --calib {args.calib}", "\n".join(body),
-    )
-
+        body = parts[p](data, args.calib) + f"\n(part {p}: {time.perf_counter() - t0:.0f} s, {args.threads} torch thread(s))\n"
+        record_section(
+            f"structured-{p}", f"Structured pruning {p}: {titles[p]} (one-shot, no fine-tuning)",
+            f"python benchmarks/structured.py --parts {p}" + (f" --calib {args.calib}" if args.calib != 1024 else ""), body,
+        )
 
 if __name__ == "__main__":
     main()
