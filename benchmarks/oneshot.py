@@ -96,7 +96,7 @@ def main() -> None:
         for s in sparsities:
             c = cells.get(str(s), {})
             r.append(
-                f"n/a: {c['error']}" if "error" in c
+                f"n/a: {c['error'].split(':')[0]}" if "error" in c
                 else f"{100 * c['accuracy']:.2f} ({c['seconds']:.1f}s){_short(c, s)}" if c else "not run"
             )
         rows.append(r)
