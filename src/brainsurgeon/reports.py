@@ -44,9 +44,15 @@ def plot_accuracy_vs_sparsity(results: list[dict], path, dense_accuracy: float |
         if r.get("accuracy") is None:
             continue
         series.setdefault(_label(r), []).append((r["sparsity"], 100 * r["accuracy"]))
+    # one colour per method (its variants share it; the line style tells them apart), from a
+    # 20-colour map so that no two methods share a colour
+    methods = list(dict.fromkeys(r["method"] for r in results if r.get("accuracy") is not None))
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+    method_of = {_label(r): r["method"] for r in results}
     for label, pts in series.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, color=colour[method_of[label]],
                 linestyle="--" if "fine-tuned" in label else "-")
     if dense_accuracy is not None:
         ax.axhline(100 * dense_accuracy, color="black", linewidth=0.8, linestyle=":", label="dense")
