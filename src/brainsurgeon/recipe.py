@@ -159,7 +159,7 @@ def _check_run_options(raw: dict, source: str) -> None:
         )
         check_schedule(raw.get("schedule", "oneshot"), raw.get("steps"), None)
         if "finetune" in raw:
-            # the options alone (types, ranges), on placeholder data; the budget is checked on the real data
+            # the options alone (types, ranges), on stand-in data; the budget is checked on the real data
             FineTune((torch.zeros(1000, 1), torch.zeros(1000, dtype=torch.long)), **raw["finetune"])
             if raw["finetune"].get("epochs", 1) == 0 and raw.get("schedule", "oneshot") != "oneshot":
                 raise BrainsurgeonError("finetune.epochs is 0 but the schedule fine-tunes between rounds; give epochs > 0")
