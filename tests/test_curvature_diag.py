@@ -19,15 +19,6 @@ from brainsurgeon.train import train_model
 TOL = 1e-10  # float64 throughout: the fast path and the brute force agree to round-off
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny networks: thread start-up dominates, and the test machine's cores are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mlp(bias: bool) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 5, bias=bias), nn.Tanh(), nn.Linear(5, 4, bias=bias)).double()

@@ -132,6 +132,29 @@ def _check_data_fits(model: nn.Module, calib: Calibration, loss_fn) -> None:
         )
 
 
+def resolve_loss(loss_fn):
+    """The user's loss, or cross-entropy; refused unless callable as loss_fn(outputs, targets)."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    if not callable(loss_fn):
+        raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")
+    return loss_fn
+
+
+def working_context(model: nn.Module, data, opts: PruneOptions, layers, loss_fn, progress) -> PruneContext:
+    """A working copy of ``model`` (the user's is never touched) with its targets, the calibration
+    batches on the device, checked to fit the model and give a finite loss, and a seeded generator."""
+    work = copy.deepcopy(model).to(opts.device).eval()
+    targets = find_targets(work, layers)
+    calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
+    _check_data_fits(work, calib, loss_fn)
+    gen_device = opts.device if opts.device.type == "cuda" else torch.device("cpu")
+    return PruneContext(
+        model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,
+        generator=torch.Generator(gen_device).manual_seed(opts.seed),
+        show_progress=progress_enabled(progress),
+    )
+
+
 def _layer_report(ctx: PruneContext, masks, targets_sparsity) -> dict:
     layers = {}
     for t in ctx.targets:
@@ -269,24 +292,14 @@ def prune_step(
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     algo = method_cls.create(**method_options)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    if not callable(loss_fn):
-        raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")
+    loss_fn = resolve_loss(loss_fn)
     user_targets = find_targets(model, layers)  # fail fast on the user's model, before copying it
     if opts.structure.is_nm:
         _check_nm_fits(user_targets, opts.structure)
 
     # 2. A working copy; the user's model is never touched.
-    work = copy.deepcopy(model).to(opts.device).eval()
-    targets = find_targets(work, layers)
-    calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
-    _check_data_fits(work, calib, loss_fn)
-    gen_device = opts.device if opts.device.type == "cuda" else torch.device("cpu")
-    ctx = PruneContext(
-        model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,
-        generator=torch.Generator(gen_device).manual_seed(opts.seed),
-        show_progress=progress_enabled(progress),
-    )
+    ctx = working_context(model, data, opts, layers, loss_fn, progress)
+    work, targets, calib = ctx.model, ctx.targets, ctx.calib
     algo.validate(ctx)
 
     # 3. Prune. Global RNG state is forked so the user's generator is not advanced.

@@ -40,7 +40,6 @@ bias, so it commutes with the next convolution's padding and the decomposition i
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -320,10 +319,7 @@ def eigendamage(
     """Prune a copy of ``model`` with EigenDamage to remove ``sparsity`` of the target layers'
     weights (counted in the decomposed model); returns a :class:`~brainsurgeon.engine.PruneResult`
     whose model has the pruned layers replaced by their (smaller) eigenbasis decompositions."""
-    from ..context import PruneContext
-    from ..data import Calibration
-    from ..engine import PruneResult, _check_data_fits, build_options
-    from ..progress import progress_enabled
+    from ..engine import PruneResult, build_options, resolve_loss, working_context
     from ..structured.latency import count_params
     from ..targets import find_targets
 
@@ -336,18 +332,12 @@ def eigendamage(
     kind = _SIGNAL[check_fisher_kind(fisher)]
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    loss_fn = resolve_loss(loss_fn)
     check_fisher_loss(kind, loss_fn, instead="fisher='exact' or 'empirical'")
     for t in find_targets(model, layers):
         check_kfac_layer(t)
-    work = copy.deepcopy(model).to(opts.device).eval()
-    targets = find_targets(work, layers)
-    calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
-    _check_data_fits(work, calib, loss_fn)
-    ctx = PruneContext(
-        model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,
-        generator=torch.Generator("cpu").manual_seed(opts.seed), show_progress=progress_enabled(progress),
-    )
+    ctx = working_context(model, data, opts, layers, loss_fn, progress)
+    work, targets, calib = ctx.model, ctx.targets, ctx.calib
     params_before = count_params(work)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)

@@ -6,7 +6,6 @@ slice the model (``compact=True``, the default) or zero the removed units (``com
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 
@@ -14,10 +13,7 @@ import torch
 from torch import nn
 
 from ..allocation import Structure
-from ..context import PruneContext
-from ..data import Calibration
 from ..errors import BrainsurgeonError
-from ..progress import progress_enabled
 from ..targets import find_targets
 from .compact import compact as compact_model
 from ..registry import get_variant
@@ -40,7 +36,7 @@ def prune_channels(
     num_samples, damping, layers, seed, device, batch_size, progress, compact: bool, method_options: dict,
 ):
     """Remove the fraction ``sparsity`` of the output units of the prunable layers; see ``bs.prune``."""
-    from ..engine import PruneResult, _check_data_fits, _method_class, build_options
+    from ..engine import PruneResult, _method_class, build_options, resolve_loss, working_context
 
     t_start = time.perf_counter()
     opts = build_options(
@@ -69,20 +65,11 @@ def prune_channels(
             loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
             batch_size=batch_size, progress=progress,
         ))
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    if not callable(loss_fn):
-        raise BrainsurgeonError("loss_fn must be callable as loss_fn(outputs, targets)")
+    loss_fn = resolve_loss(loss_fn)
     find_targets(model, layers)  # fail fast on bad layer patterns, before copying
 
-    work = copy.deepcopy(model).to(opts.device).eval()
-    targets = find_targets(work, layers)
-    calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
-    _check_data_fits(work, calib, loss_fn)
-    ctx = PruneContext(
-        model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,
-        generator=torch.Generator(opts.device if opts.device.type == "cuda" else "cpu").manual_seed(opts.seed),
-        show_progress=progress_enabled(progress),
-    )
+    ctx = working_context(model, data, opts, layers, loss_fn, progress)
+    work, targets, calib = ctx.model, ctx.targets, ctx.calib
     algo.validate(ctx)
     with ctx.timer("groups"):
         groups = build_groups(work, example_input(calib), {t.name for t in targets}, explicit=layers is not None)

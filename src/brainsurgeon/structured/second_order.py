@@ -212,8 +212,21 @@ def _check_option(name: str, value, choices) -> str:
     return value
 
 
+class LossIncreaseAllocation(StructuredMethod):
+    """Structured methods whose unit scores are loss increases: under ``allocation="global"`` they
+    are comparable across layers as they are, so one threshold goes over the raw scores (no
+    per-layer normalization)."""
+
+    def allocate(self, sctx: StructuredContext):
+        o = sctx.ctx.options
+        if o.allocation == "global":
+            scores = {g.name: self.scores_of(g, sctx) for g in sctx.groups}
+            return loss_scale_counts(scores, o.sparsity, o.max_layer_sparsity)
+        return super().allocate(sctx)
+
+
 @register_variant("obd", "channel")
-class StructuredOBD(StructuredMethod):
+class StructuredOBD(LossIncreaseAllocation):
     """C-OBD: structured Optimal Brain Damage (LeCun, Denker & Solla 1990; the C-OBD baseline of
     Wang et al. 2019, EigenDamage). A unit's saliency is the OBD loss increase of deleting all
     parameters of its group (producer row and bias, BatchNorm weight and bias, consumer columns):
@@ -254,13 +267,6 @@ class StructuredOBD(StructuredMethod):
 
     def importance(self, group: Group, sctx: StructuredContext) -> torch.Tensor:
         return group_obd_saliency(group, self._diagonals(sctx))
-
-    def allocate(self, sctx: StructuredContext):
-        o = sctx.ctx.options
-        if o.allocation == "global":
-            scores = {g.name: self.scores_of(g, sctx) for g in sctx.groups}
-            return loss_scale_counts(scores, o.sparsity, o.max_layer_sparsity)
-        return super().allocate(sctx)
 
 
 # ----------------------------------------------------------------------------- C-OBS
@@ -315,7 +321,7 @@ class _Producer:
 
 
 @register_variant("kfac-obs", "channel")
-class StructuredKFACOBS(StructuredMethod):
+class StructuredKFACOBS(LossIncreaseAllocation):
     """C-OBS: structured Optimal Brain Surgeon with the K-FAC Fisher (Hassibi & Stork 1993;
     Martens & Grosse 2015; the C-OBS baseline of Wang et al. 2019, EigenDamage).
 
@@ -377,13 +383,6 @@ class StructuredKFACOBS(StructuredMethod):
     def importance(self, group: Group, sctx: StructuredContext) -> torch.Tensor:
         producers = self._state(sctx)[group.name]
         return sum(p.losses() for p in producers).cpu()
-
-    def allocate(self, sctx: StructuredContext):
-        o = sctx.ctx.options
-        if o.allocation == "global":
-            scores = {g.name: self.scores_of(g, sctx) for g in sctx.groups}
-            return loss_scale_counts(scores, o.sparsity, o.max_layer_sparsity)
-        return super().allocate(sctx)
 
     def select(self, sctx: StructuredContext, counts: dict[str, int]) -> dict[str, torch.Tensor]:
         state = self._state(sctx)
