@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def main() -> None:
         memory_child()
         return
 
+    load_start = os.getloadavg()[0]
     layer, x, y = make_problem()
     w = layer.weight.detach()
     count = num_pruned(w.numel(), SPARSITY)
@@ -198,7 +200,7 @@ def main() -> None:
         dt, stats = timed(lambda: layer_input_stats(layer, target, calib))
         t["stats"].append(dt)
 
-        def solve():
+        def solve(stats=stats):
             h, w_in, _, _ = prepare_hessian(stats.hessian, w, 0.01, inplace=True)
             return sparsegpt_prune(w_in, h, count, unstructured)
 
@@ -211,12 +213,12 @@ def main() -> None:
         del res
 
         peer = PeerSparseGPT(layer)
-        dt, _ = timed(lambda: peer.collect(x))
+        dt, _ = timed(lambda peer=peer: peer.collect(x))
         t["peer_stats"].append(dt)
-        dt, w_peer = timed(lambda: peer.fasterprune(SPARSITY))
+        dt, w_peer = timed(lambda peer=peer: peer.fasterprune(SPARSITY))
         t["peer_solve"].append(dt)
         accum_only = PeerSparseGPT(layer)  # the accumulation alone, without the layer's forward
-        dt, _ = timed(lambda: [accum_only.add_batch(x[r : r + PEER_BATCH]) for r in range(0, ROWS, PEER_BATCH)])
+        dt, _ = timed(lambda acc=accum_only: [acc.add_batch(x[r : r + PEER_BATCH]) for r in range(0, ROWS, PEER_BATCH)])
         t["peer_accum"].append(dt)
         if rep == 0:
             errs = {
@@ -245,7 +247,7 @@ def main() -> None:
     peer_total = med["peer_stats"] + med["peer_solve"]
     rows = [
         ["sparsegpt statistics (H, float32 chunks -> float64)", med["stats"], ""],
-        ["sparsegpt solve (condition + U + blocked loop)", med["solve"], "bar < 1.5 s"],
+        ["sparsegpt solve (condition + Cholesky + blocked loop)", med["solve"], "bar < 1.5 s"],
         ["sparsegpt whole bs.prune call", med["call"], f"{med['call'] / peer_total:.2f} x peer total (bar < 1)"],
         ["peer statistics (layer forward + hook, 2048-row batches)", med["peer_stats"], ""],
         ["peer statistics, accumulation only (no layer forward)", med["peer_accum"], ""],
@@ -274,8 +276,8 @@ def main() -> None:
         f"call): resident before the call {mem['rss_before'] / GB:.2f} GB, peak during the call "
         f"{mem['peak_after'] / GB:.2f} GB: growth **{mem['growth'] / GB:.2f} GB** (bar <= 1 GB; the working copy of "
         f"the layer is {w.numel() * 4 / GB:.3f} GB, H in float64 {DIM * DIM * 8 / GB:.3f} GB).\n\n"
-        "Timings were taken on the shared 2-core development machine while other work ran on it; "
-        "rerun `make bench-layer-speed` on a quiet machine for the reference numbers."
+        f"Machine load (1-minute load average on the 2 cores): {load_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end; this machine is shared, so compare the per-repeat ratios."
     )
     print(body)
     if not args.no_record:

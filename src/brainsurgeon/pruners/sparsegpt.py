@@ -5,7 +5,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
+from threadpoolctl import threadpool_limits
 
 from ..allocation import Structure, nm_mask
 from ..curvature.layer_inputs import LayerInputStats
@@ -14,49 +17,52 @@ from ..registry import register
 from .layerwise import LayerwiseMethod
 
 
-def lower_triangular_inverse(lower: torch.Tensor, base: int = 512) -> torch.Tensor:
-    """L^-1 of a lower-triangular L by halves: [[A, 0], [C, B]]^-1 = [[A^-1, 0], [-B^-1 C A^-1, B^-1]].
+def reversed_cholesky(hessian: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """L lower triangular with J H J = L L^T (J: the order reversal), in ``dtype``; only the lower
+    triangle is meaningful (on the CPU the strict upper triangle is left as scratch).
 
-    The off-diagonal blocks are plain matmuls, which run near the machine's peak, where one
-    triangular solve against the identity (trsm) was measured 1.5-3x slower at d = 4096."""
-    n = lower.shape[0]
-    if n <= base:
-        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
-    k = n // 2
-    a_inv = lower_triangular_inverse(lower[:k, :k], base)
-    b_inv = lower_triangular_inverse(lower[k:, k:], base)
-    out = torch.zeros_like(lower)
-    out[:k, :k] = a_inv
-    out[k:, k:] = b_inv
-    out[k:, :k] = b_inv @ (lower[k:, :k] @ a_inv)
-    out[k:, :k].neg_()
-    return out
+    M = J L J is then the upper triangular factor of H = M M^T, and U = M^-1 the upper Cholesky
+    factor of the inverse, H^-1 = U^T U: row i of U is H_F^-1[0, :] / sqrt([H_F^-1]_00) for
+    F = {i, ..., d-1}, every OBS downdate of SparseGPT's fixed column order at once (see
+    ``sparsegpt_prune`` for why U itself is never formed).
 
-
-def inverse_cholesky_upper(hessian: torch.Tensor, dtype: torch.dtype = torch.float64, base: int = 512) -> torch.Tensor:
-    """U upper triangular with H^-1 = U^T U (the upper Cholesky factor of the inverse), in ``dtype``.
-
-    Row i of U is H_F^-1[0, :] / sqrt([H_F^-1]_00) for F = {i, ..., d-1}: the inverse of H with
-    the first i rows/columns removed, i.e. every OBS downdate of a fixed column order at once.
-
-    Computed without forming H^-1: with J the order reversal and J H J = L L^T (Cholesky),
-    H^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a
-    positive diagonal, so it is U (one Cholesky and one triangular inverse instead of the three
-    factorisations Cholesky, cholesky_inverse, Cholesky). Raises ``torch.linalg.LinAlgError`` if
-    H is not positive definite.
+    On the CPU the reversal is folded into the float64 -> ``dtype`` copy (a numpy view with negative
+    strides) and LAPACK's potrf factorises that copy in place without clearing the other triangle:
+    measured 0.15 s against 0.37 s for ``torch.linalg.cholesky_ex`` on the flipped copy at d = 4096
+    (which also copies its input and zeroes a triangle). The BLAS threads follow torch's setting.
+    Raises ``torch.linalg.LinAlgError`` if H is not positive definite in ``dtype``.
     """
-    h = hessian.to(dtype).flip(0, 1)
-    lower, info = torch.linalg.cholesky_ex(h)
-    del h
+    if hessian.device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        n = hessian.shape[0]
+        out = torch.empty(n, n, dtype=dtype)
+        buf = out.numpy()
+        np.copyto(buf, hessian.detach().numpy()[::-1, ::-1], casting="same_kind")
+        potrf = lapack.spotrf if dtype == torch.float32 else lapack.dpotrf
+        with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+            # buf.T is the same symmetric matrix in Fortran order, factorised in place as R^T R
+            # (R upper, Fortran order): read in C order, buf's lower triangle is R^T = L.
+            _, info = potrf(buf.T, lower=0, clean=0, overwrite_a=1)
+        if info != 0:
+            raise torch.linalg.LinAlgError(f"H is not positive definite in {dtype} (LAPACK potrf info {info})")
+        return out
+    lower, info = torch.linalg.cholesky_ex(hessian.to(dtype).flip(0, 1))
     if int(info) != 0:
         raise torch.linalg.LinAlgError(f"H is not positive definite in {dtype} (leading minor {int(info)})")
-    return lower_triangular_inverse(lower, base).flip(0, 1)
+    return lower
 
 
 def block_share(count: int, c0: int, c1: int, cols: int) -> int:
     """Weights to prune among columns [c0, c1): cumulative rounding, so shares sum to ``count``."""
     return (2 * count * c1 + cols) // (2 * cols) - (2 * count * c0 + cols) // (2 * cols)
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> float:
+    """The k-th smallest value (1-based) of a 1-D tensor. On the CPU numpy's introselect
+    (``np.partition``), measured 12x faster than ``torch.kthvalue`` on 512k floats (0.7 vs 8 ms:
+    SparseGPT selects once per mask block)."""
+    if flat.device.type == "cpu":
+        return float(np.partition(flat.detach().numpy(), k - 1)[k - 1])
+    return float(torch.kthvalue(flat, k).values)
 
 
 def lowest_k_select(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,11 +74,12 @@ def lowest_k_select(scores: torch.Tensor, k: int) -> torch.Tensor:
         return chosen.view_as(scores)
     if k >= flat.numel():
         return ~chosen.view_as(scores)
-    threshold = torch.kthvalue(flat, k).values
-    chosen = flat < threshold
-    need = k - int(chosen.sum())
-    ties = torch.nonzero(flat == threshold).flatten()[:need]  # nonzero is in position order
-    chosen[ties] = True
+    threshold = kth_smallest(flat, k)
+    chosen = flat <= threshold
+    excess = int(torch.count_nonzero(chosen)) - k  # ties at the threshold (usually none)
+    if excess > 0:
+        ties = torch.nonzero(flat == threshold).flatten()  # in position order
+        chosen[ties[len(ties) - excess :]] = False  # keep the first ones, as a stable sort would
     return chosen.view_as(scores)
 
 
@@ -92,6 +99,46 @@ def one_thread():
         torch.set_num_threads(old)
 
 
+def _choose(W1: torch.Tensor, dinv: torch.Tensor, i: int, j: int, col: int, count: int, cols: int,
+            structure: Structure) -> torch.Tensor:
+    """Pruned mask of block rows [i, j) (columns col.. of W) from their current values: the lowest
+    OBS errors w^2 / U_ii^2, per row and group of M for N:M, else the block's share of ``count``."""
+    s = (W1[i:j] * dinv[i:j, None]).square_()
+    if structure.is_nm:
+        return ~nm_mask(s.T, structure.n, structure.m).T
+    return lowest_k_select(s, block_share(count, col, col + (j - i), cols))
+
+
+def _sweep(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor, i1: int, count: int, cols: int,
+           structure: Structure, mask_bs: int) -> None:
+    """The eager part of one block (W1: the block's columns of W as rows, current at entry).
+
+    Column i removes its chosen weights with err_i = p_i w_i / U_ii and would compensate the block's
+    later columns, w_j -= err_i U_ij. The updates are gathered left-looking instead: column j is
+    brought up to date only when its turn (or its mask window's) comes, w_j -= sum_{i<j} U_ij err_i,
+    one matrix-vector product over the stored errors instead of a rank-1 update of every later
+    column per column (half the memory traffic, one kernel per column). The mask is chosen at the
+    start of each mask window, after the window's columns are brought up to date by one matmul."""
+    n = W1.shape[0]
+    dinv = torch.diagonal(U1).reciprocal()
+    Ut = U1.T.contiguous()  # Ut[j, :j] = U_{:j, j}: the coefficients column j gathers
+    err = torch.empty_like(W1)
+    window = structure.m if structure.is_nm else mask_bs
+    for w0 in range(0, n, window):
+        w1 = min(w0 + window, n)
+        if w0 > 0:
+            W1[w0:w1].addmm_(Ut[w0:w1, :w0], err[:w0], alpha=-1.0)
+        P1[w0:w1] = _choose(W1, dinv, w0, w1, i1 + w0, count, cols, structure)
+        scale = P1[w0:w1].to(W1.dtype).mul_(dinv[w0:w1, None])  # p_i / U_ii per row of the window
+        for j in range(w0, w1):
+            if j > w0:
+                W1[j].addmv_(err[w0:j].T, Ut[j, w0:j], alpha=-1.0)
+            torch.mul(W1[j], scale[j - w0], out=err[j])
+    # exactly zero, not a rounding residue (+ 0.0 turns the -0.0 of negative residues into +0.0);
+    # measured 8x faster than masked_fill_ with a strided boolean mask
+    W1.mul_(~P1).add_(0.0)
+
+
 def sparsegpt_prune(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -105,14 +152,25 @@ def sparsegpt_prune(
 
     Columns are processed left to right. Column i: the chosen weights q are zeroed and every row
     compensates on the columns to its right with the OBS update of the fixed order,
-        err = (w_i - q_i) / U_ii,    w_{i:} -= err * U_{i, i:},
-    applied eagerly inside a block of ``blocksize`` columns and lazily (one matmul) to the columns
-    after the block. The mask is chosen adaptively: at the start of each ``mask_blocksize`` columns,
-    the weights with the lowest w^2 / U_ii^2 (the OBS error under this order) among the block's
-    current (already compensated) values; each mask block prunes its cumulative-rounding share of
-    ``count`` so the layer's count is exact. N:M: in each group of M columns, the M-N lowest per row.
+        err = (w_i - q_i) / U_ii,    w_{i:} -= err * U_{i, i:},     H^-1 = U^T U,
+    applied eagerly inside a block of ``blocksize`` columns and lazily (one matmul per block) to
+    the columns after it. The mask is chosen adaptively: at the start of each ``mask_blocksize``
+    columns, the weights with the lowest w^2 / U_ii^2 (the OBS error under this order) among the
+    block's current (already compensated) values; each mask block prunes its cumulative-rounding
+    share of ``count`` so the layer's count is exact. N:M: in each group of M columns, the M-N
+    lowest per row.
 
-    Precision: H arrives in float64; U is computed in the weights' dtype (float32 for a float32
+    The lazy updates without U. All updates together are W_final = W - E U (E: the errors, one
+    column per column of W), so the total change D = W - W_final satisfies E = D M with M = U^-1,
+    H = M M^T. Block B's current values are then
+        W_B - E_{<B} U_{<B,B} = W_B + (D_{<B} M_{<B,B}) U_BB,
+    because M U = I gives M_{<B,<B} U_{<B,B} = -M_{<B,B} U_BB. So the solver keeps the running sum
+    A = sum of D_B' M_{B',later} (one matmul per block, the reference's lazy update with M in place
+    of U) and only inverts the small diagonal blocks U_BB = M_BB^-1: one Cholesky of H replaces the
+    reference's Cholesky, cholesky_inverse and Cholesky. M = J L J (``reversed_cholesky``) is used
+    through L's blocks directly, with A kept in reversed column order, so nothing d x d is flipped.
+
+    Precision: H arrives in float64; L is computed in the weights' dtype (float32 for a float32
     layer, as in the SparseGPT reference: the damped H is well enough conditioned, and the solve
     stays fast), retried in float64 if the float32 Cholesky fails (reported through ``note``).
     Layout: the work is done on W^T so that each column of W is one contiguous row.
@@ -123,40 +181,42 @@ def sparsegpt_prune(
         raise BrainsurgeonError(f"mask_blocksize={mask_bs} must divide blocksize={blocksize}")
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     try:
-        U = inverse_cholesky_upper(hessian, dtype)
+        L = reversed_cholesky(hessian, dtype)
     except torch.linalg.LinAlgError:
         if dtype == torch.float64:
             raise
         if note is not None:
             note("float32 Cholesky of H failed; factorised in float64")
-        U = inverse_cholesky_upper(hessian, torch.float64).to(dtype)
+        L = reversed_cholesky(hessian, torch.float64).to(dtype)
     Wt = w.to(dtype).T.contiguous()  # (cols, rows): column i of W is Wt[i]
-    prune_t = torch.zeros(cols, rows, dtype=torch.bool, device=w.device)
+    # acc_r[j] = row (cols-1-j) of A^T: the columns after the first block, in reversed order;
+    # its memory then holds the result (fresh pages cost ~25 ms per 64 MB here)
+    scratch = torch.empty_like(Wt)
+    acc_r = scratch[blocksize:]
+    prune_t = torch.empty(cols, rows, dtype=torch.bool, device=w.device)  # every block writes its rows
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = Wt[i1:i2]  # a view: compensated in place
-        Err1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        d = torch.diagonal(U1)
-        P1 = prune_t[i1:i2]
+        f1, f2 = cols - i2, cols - i1  # the block's columns in L's reversed order
+        M1 = L[f1:f2, f1:f2].tril().flip(0, 1)  # M_BB
+        U1 = torch.linalg.solve_triangular(M1, torch.eye(i2 - i1, dtype=dtype, device=w.device), upper=True)
+        W1 = Wt[i1:i2]  # a view: the block is made current and solved in place
+        before = W1.clone() if i2 < cols else None
+        if i1 > 0:
+            W1.addmm_(U1.T, acc_r[f1:f2].flip(0))  # (A_B U_BB)^T
         with one_thread():
-            for i in range(i2 - i1):
-                col = i1 + i
-                if structure.is_nm:
-                    if col % structure.m == 0:
-                        s = W1[i : i + structure.m].square() / d[i : i + structure.m, None].square()
-                        P1[i : i + structure.m] = ~nm_mask(s.T, structure.n, structure.m).T
-                elif col % mask_bs == 0:
-                    j = min(i + mask_bs, i2 - i1)
-                    s = W1[i:j].square() / d[i:j, None].square()
-                    P1[i:j] = lowest_k_select(s, block_share(count, col, i1 + j, cols))
-                err = torch.where(P1[i], W1[i], 0.0) / d[i]
-                W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
-                W1[i].masked_fill_(P1[i], 0.0)  # exactly zero, not a rounding residue
-                Err1[i] = err
-        if i2 < cols:
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # the lazy update of the later columns
-    return Wt.T.contiguous(), ~prune_t.T.contiguous()
+            _sweep(W1, U1, prune_t[i1:i2], i1, count, cols, structure, mask_bs)
+        if before is not None:
+            # the lazy update, right-looking as in the reference: A_later += D_B M_{B,later}, with
+            # D_B = W_B - W_final,B from the block's original values (making it current is part of
+            # D_B). In L's order: M_{B,later} reversed on both axes is L[f1:f2, :f1], so the
+            # update of acc_r[:f1] is L[f1:f2, :f1]^T (D_B reversed). Right-looking measured 1.4x
+            # faster than the left-looking form (a matmul of inner dimension i1 per block).
+            d_rev = before.sub_(W1).flip(0)
+            if i1 == 0:
+                torch.mm(L[f1:f2, :f1].T, d_rev, out=acc_r)  # the first update initialises A
+            else:
+                acc_r[:f1].addmm_(L[f1:f2, :f1].T, d_rev)
+    return scratch.view(rows, cols).copy_(Wt.T), prune_t.logical_not_().T.contiguous()
 
 
 @register("sparsegpt")
