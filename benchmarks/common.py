@@ -28,13 +28,15 @@ def dataset(name: str = "fashion-mnist"):
     return load_fashion_mnist() if name == "fashion-mnist" else load_digits()
 
 
-def dense_model(arch: str, data, epochs: int, lr: float = 1e-3, seed: int = 0):
-    """Train (or load from the cache) the dense reference model; returns (model, seconds, cached)."""
-    path = CACHE / f"{arch}_{data.name}_e{epochs}_s{seed}.safetensors"
+def dense_model(arch: str, data, epochs: int, lr: float = 1e-3, seed: int = 0, **arch_kwargs):
+    """Train (or load from the cache) the dense reference model; returns (model, seconds, cached).
+    ``arch_kwargs``: options of the architecture (e.g. ``widths``), part of the cache key."""
+    tag = "".join(f"_{k}{'-'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}" for k, v in sorted(arch_kwargs.items()))
+    path = CACHE / f"{arch}{tag}_{data.name}_e{epochs}_s{seed}.safetensors"
     if path.exists():
         return load_model(path), 0.0, True
     torch.manual_seed(seed)
-    spec = make_spec(arch, input_shape=data.input_shape, num_classes=data.num_classes)
+    spec = make_spec(arch, input_shape=data.input_shape, num_classes=data.num_classes, **arch_kwargs)
     model = build_model(spec)
     t0 = time.perf_counter()
     train_model(model, data.train, epochs=epochs, lr=lr, seed=seed)

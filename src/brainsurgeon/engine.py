@@ -191,6 +191,8 @@ def prune(
     steps: int | None = None,
     finetune=None,
     compact: bool | None = None,
+    round_to: int | None = None,
+    recalibrate_bn: bool | None = None,
     **method_options,
 ) -> PruneResult:
     """Prune a copy of ``model`` with ``method`` to ``sparsity``; ``model`` itself is left untouched.
@@ -206,6 +208,10 @@ def prune(
             (see :mod:`brainsurgeon.structured`).
         compact: with ``structure="channel"``: return a physically smaller model (default) or,
             with ``False``, the same architecture with the removed units zeroed.
+        round_to: with ``structure="channel"``: every layer keeps a multiple of this many units
+            (8 or 16 suit CPU convolution kernels; see :mod:`brainsurgeon.structured.allocation`).
+        recalibrate_bn: with ``structure="channel"`` (default ``True``): re-estimate the BatchNorm
+            running statistics of the pruned model on the calibration data.
         allocation: ``"uniform"`` (the same sparsity in every layer) or ``"global"`` (one threshold
             over comparable saliencies, no layer above ``max_layer_sparsity``).
         loss_fn: ``loss(outputs, targets)``, a mean over the batch; cross-entropy by default.
@@ -236,10 +242,12 @@ def prune(
             model, data, method, sparsity, allocation=allocation, max_layer_sparsity=max_layer_sparsity,
             loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
             batch_size=batch_size, progress=progress, compact=True if compact is None else compact,
-            method_options=method_options,
+            method_options=method_options, round_to=round_to,
+            recalibrate_bn=True if recalibrate_bn is None else recalibrate_bn,
         )
-    if compact is not None:
-        raise BrainsurgeonError("compact= applies to structure='channel' only (whole units removed)")
+    for name, value in (("compact", compact), ("round_to", round_to), ("recalibrate_bn", recalibrate_bn)):
+        if value is not None:
+            raise BrainsurgeonError(f"{name}= applies to structure='channel' only (whole units removed)")
     from .schedules import run_schedule
 
     return run_schedule(

@@ -208,6 +208,8 @@ def prune_cmd(
     data_dir: Annotated[Optional[Path], typer.Option(help="directory of the Fashion-MNIST idx files")] = None,
     structure: Annotated[str, typer.Option(help="unstructured, N:M (e.g. 2:4), or channel (whole units)")] = "unstructured",
     compact: Annotated[bool, typer.Option(help="with --structure channel: physically smaller layers (else zeroed units)")] = True,
+    round_to: Annotated[Optional[int], typer.Option(help="with --structure channel: every layer keeps a multiple of this many units")] = None,
+    recalibrate_bn: Annotated[bool, typer.Option(help="with --structure channel: re-estimate BatchNorm statistics on the calibration data")] = True,
     allocation: Annotated[str, typer.Option(help="uniform or global")] = "uniform",
     max_layer_sparsity: Annotated[float, typer.Option(help="cap per layer under global allocation")] = 0.99,
     num_samples: Annotated[int, typer.Option(help="calibration samples (from the training split)")] = 1024,
@@ -243,7 +245,8 @@ def prune_cmd(
         net, ds.train, method, sparsity, structure=structure, allocation=allocation,
         max_layer_sparsity=max_layer_sparsity, num_samples=num_samples, damping=damping, layers=layers,
         seed=seed, device=device, batch_size=batch_size, progress=False if quiet else None,
-        **({"compact": compact} if structure == "channel" else {}), **method_options,
+        **({"compact": compact, "recalibrate_bn": recalibrate_bn} if structure == "channel" else {}),
+        **({"round_to": round_to} if round_to is not None else {}), **method_options,
     )
     before = evaluate(net, ds.test, device=device)  # after pruning: the engine checks the data first
     after = evaluate(res.model, ds.test, device=device)
@@ -302,6 +305,8 @@ def _structured_rows(table: Table, report: dict) -> None:
         for key in ("params", "flops"):
             if key in cost["before"]:
                 table.add_row(key, str(cost["before"][key]), "", str(cost["after"][key]))
+        for batch, ratio in cost.get("speedup", {}).items():
+            table.add_row(f"speedup, {batch.replace('_', ' ')}", "", "", f"{ratio:.2f}x")
 
 
 # ----------------------------------------------------------------------------- evaluate

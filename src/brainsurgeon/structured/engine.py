@@ -2,10 +2,12 @@
 
 Same validation, working copy and report frame as the unstructured engine; in between: build the
 dependency groups, let the method allocate and select units, let it compensate, then either
-slice the model (``compact=True``, the default) or zero the removed units (``compact=False``).
+slice the model (``compact=True``, the default) or zero the removed units (``compact=False``),
+re-estimate the BatchNorm statistics, and time the pruned model against the dense one.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -13,12 +15,14 @@ import torch
 from torch import nn
 
 from ..allocation import Structure
+from ..batchnorm import recalibrate_batchnorm
 from ..errors import BrainsurgeonError
 from ..targets import find_targets
 from .compact import compact as compact_model
 from ..registry import get_variant
 from .groups import GroupSet, StructuredContext, StructuredMethod, WholeModelMethod, build_groups, example_input
-from .latency import cost
+from .latency import compare
+from .allocation import round_counts
 from .masking import apply_masks
 
 CHANNEL = Structure("channel")
@@ -34,8 +38,13 @@ def structured_methods() -> list[str]:
 def prune_channels(
     model: nn.Module, data, method: str, sparsity, *, allocation: str, max_layer_sparsity, loss_fn,
     num_samples, damping, layers, seed, device, batch_size, progress, compact: bool, method_options: dict,
+    round_to: int | None = None, recalibrate_bn: bool = True,
 ):
-    """Remove the fraction ``sparsity`` of the output units of the prunable layers; see ``bs.prune``."""
+    """Remove the fraction ``sparsity`` of the output units of the prunable layers; see ``bs.prune``.
+
+    ``round_to``: each group keeps a multiple of this many units (``allocation.round_counts``).
+    ``recalibrate_bn``: re-estimate the BatchNorm statistics of the pruned model on the
+    calibration data (``brainsurgeon.batchnorm``)."""
     from ..engine import PruneResult, _method_class, build_options, resolve_loss, working_context
 
     t_start = time.perf_counter()
@@ -53,6 +62,10 @@ def prune_channels(
         )
     if not isinstance(compact, bool):
         raise BrainsurgeonError(f"compact must be True (a smaller model) or False (zeroed units), got {compact!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise BrainsurgeonError(f"round_to must be a positive integer (channels kept per layer a multiple of it), got {round_to!r}")
+    if not isinstance(recalibrate_bn, bool):
+        raise BrainsurgeonError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     algo = method_cls.create(**method_options)
@@ -60,10 +73,12 @@ def prune_channels(
         # methods that replace layers rather than remove units (EigenDamage) run their own flow
         if not compact:
             raise BrainsurgeonError(f"method {method!r} replaces layers by smaller ones; it has no compact=False form")
+        if round_to is not None:
+            raise BrainsurgeonError(f"method {method!r} removes eigen-directions, not channels: leave round_to out")
         return _carry_spec(model, algo.prune_model(
             model, data, opts.sparsity, allocation=allocation, max_layer_sparsity=max_layer_sparsity,
             loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, progress=progress, recalibrate_bn=recalibrate_bn,
         ))
     loss_fn = resolve_loss(loss_fn)
     find_targets(model, layers)  # fail fast on bad layer patterns, before copying
@@ -83,13 +98,14 @@ def prune_channels(
     sample_shape, dtype = tuple(calib.batches[0][0].shape[1:]), calib.batches[0][0].dtype
     if not dtype.is_floating_point:
         raise BrainsurgeonError(f"structure='channel' needs floating-point inputs, got {dtype}")
-    before = cost(work, sample_shape, opts.device, dtype)
+    dense = copy.deepcopy(work)  # timed against the pruned model at the end, interleaved
     units_before = {g.name: g.num_units for g in groups}
     shapes_before = {n: list(m.weight.shape) for n, m in work.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
     with torch.random.fork_rng(devices=[] if opts.device.type == "cpu" else [opts.device]):
         torch.manual_seed(opts.seed)
         counts, capped = algo.allocate(sctx)
+        counts, rounded = round_counts(groups, counts, round_to)
         with ctx.timer("solve"):
             keep = algo.select(sctx, counts)
         _check_keep(groups, keep, counts, method)
@@ -102,8 +118,21 @@ def prune_channels(
         if not torch.isfinite(p).all():
             raise RuntimeError(f"method {method!r} produced non-finite weights")
 
-    after = cost(work, sample_shape, opts.device, dtype)
+    recalibrated = recalibrate_batchnorm(work, calib) if recalibrate_bn else []
+    with ctx.timer("measure"):
+        before, after, speedup = compare(dense, work, sample_shape, opts.device, dtype)
+    del dense
     report = _report(ctx, algo, groups, keep, units_before, capped, before, after, shapes_before, compact, layers, t_start)
+    report["cost"]["speedup"] = speedup
+    report["options"].update(round_to=round_to, recalibrate_bn=recalibrate_bn)
+    report["batchnorm_recalibrated"] = recalibrated
+    if rounded:
+        report["notes"].append(f"round_to={round_to}: the kept units of {', '.join(rounded)} rounded to a multiple of {round_to}")
+    if recalibrated:
+        report["notes"].append(
+            f"BatchNorm statistics re-estimated on the {calib.num_samples} calibration samples "
+            f"({len(recalibrated)} layers)"
+        )
     work.train(model.training)
     return _carry_spec(model, PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in keep.items()}))
 

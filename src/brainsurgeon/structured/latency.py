@@ -4,6 +4,11 @@ FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (counts 2 per multi
 matmuls and convolutions; elementwise ops are not counted). Latency is the median wall time of
 repeated forward passes under ``torch.no_grad`` at batch 1 and batch 64, after warm-up runs,
 with the process's current thread setting (reported alongside).
+
+Before/after comparisons (``compare``) time the two models interleaved, in alternating order, and
+report the median of the per-round ratios as the speedup: on a shared machine whose speed drifts
+by 2x over seconds (measured here: the same forward pass took 13 ms in one minute and 25 ms in
+the next), timing one model after the other compares two different machines.
 """
 from __future__ import annotations
 
@@ -26,41 +31,55 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def median_latency_ms(
-    model: nn.Module, sample_shape: tuple[int, ...], batch: int, repeats: int = 15, warmup: int = 3,
-    budget_s: float = 0.5, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-) -> float:
-    """Median milliseconds of a forward pass at ``batch``; stops early after ``budget_s`` of runs."""
+def paired_latency_ms(
+    models: tuple[nn.Module, nn.Module], sample_shape: tuple[int, ...], batch: int, rounds: int = 31,
+    warmup: int = 3, budget_s: float = 1.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+) -> tuple[float, float, float]:
+    """(median ms of ``models[0]``, median ms of ``models[1]``, median of the per-round ratios
+    t0 / t1): each round times both on the same input, the order alternating between rounds;
+    stops early after ``budget_s`` (at least 5 rounds)."""
     x = torch.randn(batch, *sample_shape, device=device, dtype=dtype)
-    times = []
+    times: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for _ in range(warmup):
-            model(x)
+            for m in models:
+                m(x)
         start = time.perf_counter()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-            if time.perf_counter() - start > budget_s and len(times) >= 3:
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                models[i](x)
+                times[i].append(time.perf_counter() - t0)
+            if time.perf_counter() - start > budget_s and r >= 4:
                 break
-    return 1000.0 * statistics.median(times)
+    ratio = statistics.median(a / b for a, b in zip(*times))
+    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1]), ratio
 
 
-def cost(model: nn.Module, sample_shape: tuple[int, ...], device="cpu", dtype=torch.float32) -> dict:
-    """Parameters, FLOPs per sample and median latency at batch 1 and 64 of ``model`` (eval mode),
-    on inputs of ``sample_shape`` and ``dtype`` (those of the data)."""
-    was_training = model.training
-    model.eval()
+def compare(
+    before: nn.Module, after: nn.Module, sample_shape: tuple[int, ...], device="cpu", dtype=torch.float32,
+    rounds: int = 31, budget_s: float = 1.0,
+) -> tuple[dict, dict, dict]:
+    """``cost`` of both models, the latencies timed interleaved (``paired_latency_ms``); returns
+    (before, after, speedup) with speedup = {"batch_1": ..., "batch_64": ...}, the median
+    per-round latency ratios before / after."""
+    flags = (before.training, after.training)
+    before.eval()
+    after.eval()
     try:
         example = torch.zeros(1, *sample_shape, device=device, dtype=dtype)
-        return {
-            "params": count_params(model),
-            "flops": count_flops(model, example),
-            "latency_ms": {
-                "batch_1": median_latency_ms(model, sample_shape, 1, device=device, dtype=dtype),
-                "batch_64": median_latency_ms(model, sample_shape, 64, device=device, dtype=dtype),
-            },
-            "threads": torch.get_num_threads(),
-        }
+        out = ({"params": count_params(before), "flops": count_flops(before, example), "latency_ms": {}},
+               {"params": count_params(after), "flops": count_flops(after, example), "latency_ms": {}})
+        speedup = {}
+        for batch in (1, 64):
+            key = f"batch_{batch}"
+            t_before, t_after, speedup[key] = paired_latency_ms(
+                (before, after), sample_shape, batch, rounds=rounds, budget_s=budget_s, device=device, dtype=dtype
+            )
+            out[0]["latency_ms"][key], out[1]["latency_ms"][key] = t_before, t_after
+        for c in out:
+            c["threads"] = torch.get_num_threads()
+        return out[0], out[1], speedup
     finally:
-        model.train(was_training)
+        before.train(flags[0])
+        after.train(flags[1])
