@@ -82,3 +82,17 @@ def mlp_case():
 def cnn_case():
     data = tiny_data((1, 4, 4))
     return fit(tiny_cnn(), data), data
+
+
+def cli_trained_lenet300(tmp_path):
+    """``brainsurgeon train`` of LeNet-300-100 on digits for one epoch; returns (runner, app, weights path)."""
+    from typer.testing import CliRunner
+
+    import brainsurgeon.cli.core  # noqa: F401  (registers the commands)
+    from brainsurgeon.cli import app
+
+    runner = CliRunner()
+    weights = tmp_path / "lenet.safetensors"
+    r = runner.invoke(app, ["train", "--arch", "lenet300", "--data", "digits", "--epochs", "1", "--out", str(weights)])
+    assert r.exit_code == 0, r.output
+    return runner, app, weights

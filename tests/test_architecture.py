@@ -1,15 +1,14 @@
 """Specs of pruned models: compact and EigenDamage models save and rebuild from their spec."""
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import brainsurgeon as bs
-import brainsurgeon.cli.core  # noqa: F401  (registers the commands)
 from brainsurgeon.architecture import construct, describe, spec_of
-from brainsurgeon.cli import app
 from brainsurgeon.errors import BrainsurgeonError
 from brainsurgeon.io import load_model, read_spec, save_weights
 from brainsurgeon.models import build_model, make_spec
+
+from conftest import cli_trained_lenet300
 
 
 def _data(shape=(1, 8, 8), n=64):
@@ -56,10 +55,7 @@ def test_bad_descriptions_are_clear_errors():
 
 
 def test_cli_structured_prune_then_evaluate(tmp_path):
-    runner = CliRunner()
-    weights = tmp_path / "lenet.safetensors"
-    r = runner.invoke(app, ["train", "--arch", "lenet300", "--data", "digits", "--epochs", "1", "--out", str(weights)])
-    assert r.exit_code == 0, r.output
+    runner, app, weights = cli_trained_lenet300(tmp_path)
     out = tmp_path / "pruned"
     r = runner.invoke(app, ["prune", "--model", str(weights), "--data", "digits", "--method", "l1-norm", "--sparsity",
                             "0.5", "--structure", "channel", "--out", str(out), "--quiet"])

@@ -18,7 +18,7 @@ from brainsurgeon.structured.allocation import round_counts
 from brainsurgeon.structured.groups import build_groups
 from brainsurgeon.structured.latency import compare, paired_latency_ms
 
-from conftest import NUM_CLASSES, tiny_data
+from conftest import NUM_CLASSES, cli_trained_lenet300, tiny_data
 
 COMMON = dict(num_samples=32, batch_size=16, seed=0, structure="channel")
 
@@ -178,16 +178,9 @@ def test_paired_latency_stops_at_its_budget_after_five_rounds():
 
 
 def test_cli_round_to_and_speedup_in_the_summary(tmp_path):
-    from typer.testing import CliRunner
-
-    import brainsurgeon.cli.core  # noqa: F401  (registers the commands)
-    from brainsurgeon.cli import app
     from brainsurgeon.io import read_spec
 
-    runner = CliRunner()
-    weights = tmp_path / "lenet.safetensors"
-    r = runner.invoke(app, ["train", "--arch", "lenet300", "--data", "digits", "--epochs", "1", "--out", str(weights)])
-    assert r.exit_code == 0, r.output
+    runner, app, weights = cli_trained_lenet300(tmp_path)
     out = tmp_path / "pruned"
     r = runner.invoke(app, ["prune", "--model", str(weights), "--data", "digits", "--method", "l1-norm", "--sparsity",
                             "0.5", "--structure", "channel", "--round-to", "16", "--num-samples", "128",
