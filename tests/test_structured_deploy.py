@@ -18,7 +18,7 @@ from brainsurgeon.structured.allocation import round_counts
 from brainsurgeon.structured.groups import build_groups
 from brainsurgeon.structured.latency import compare, paired_latency_ms
 
-from conftest import NUM_CLASSES, cli_trained_lenet300, tiny_data
+from conftest import NUM_CLASSES, cli_trained_lenet300, fit, tiny_data
 
 COMMON = dict(num_samples=32, batch_size=16, seed=0, structure="channel")
 
@@ -67,15 +67,15 @@ def test_recalibration_gives_the_average_batch_statistics_of_each_batchnorm_inpu
         torch.testing.assert_close(bn.running_var, variances.mean(0), rtol=1e-5, atol=1e-6)
 
 
-def test_prune_recalibrates_by_default_and_reports_it():
+def test_prune_recalibrates_on_request_and_reports_it():
     torch.manual_seed(0)
     model = SmallResNet((1, 8, 8), NUM_CLASSES).eval()
     data = tiny_data((1, 8, 8), n=32)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    on = bs.prune(model, data, "l1-norm", 0.5, **COMMON)
+    on = bs.prune(model, data, "l1-norm", 0.5, recalibrate_bn=True, **COMMON)
     off = bs.prune(model, data, "l1-norm", 0.5, recalibrate_bn=False, **COMMON)
     bn_names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    assert on.report["batchnorm_recalibrated"] == bn_names and off.report["batchnorm_recalibrated"] == []
+    assert on.report["batchnorm"]["recalibrated"] == bn_names and off.report["batchnorm"]["recalibrated"] == []
     assert any("BatchNorm statistics re-estimated" in n for n in on.report["notes"])
     assert on.report["options"]["recalibrate_bn"] is True
     # without recalibration the kept channels carry the dense statistics; with it they are re-estimated
@@ -90,6 +90,34 @@ def test_prune_recalibrates_by_default_and_reports_it():
         torch.testing.assert_close(dict(manual.named_modules())[name].running_var, mods_on[name].running_var)
     for k, v in model.state_dict().items():  # the user's model is untouched
         assert torch.equal(v, dense_state[k]), k
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_auto_keeps_the_statistics_with_the_lower_calibration_loss(sign):
+    from brainsurgeon.batchnorm import calibration_loss, choose_batchnorm_statistics
+
+    torch.manual_seed(0)
+    x, y = tiny_data((1, 8, 8), n=64)
+    model = fit(SmallVGG((1, 8, 8), NUM_CLASSES).train(), (x, y))  # fitted: right statistics matter
+    calib = Calibration.from_data((x, y), batch_size=32)
+    recalibrate_batchnorm(model, calib)
+    for m in model.modules():  # statistics badly off for these inputs
+        if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            m.running_mean.add_(5.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # sign -1 turns the loss around, so that the wrong statistics "win" and must be restored
+    loss = lambda out, target: sign * nn.functional.cross_entropy(out, target)  # noqa: E731
+    stale_loss = calibration_loss(model, calib, loss)
+    rep = choose_batchnorm_statistics(model, calib, loss, "auto")
+    assert rep["calibration_loss_stale"] == pytest.approx(stale_loss)
+    assert sign * rep["calibration_loss_recalibrated"] < sign * rep["calibration_loss_stale"]  # re-estimating fixes them
+    assert calibration_loss(model, calib, loss) == pytest.approx(min(rep["calibration_loss_stale"], rep["calibration_loss_recalibrated"]))
+    if sign > 0:
+        assert rep["recalibrated"] and not torch.equal(model.state_dict()["features.1.running_mean"], before["features.1.running_mean"])
+    else:  # the statistics it had are back, bit for bit
+        assert rep["recalibrated"] == []
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
 
 
 def test_round_counts_keeps_multiples_of_round_to():
@@ -125,7 +153,7 @@ def test_prune_round_to_gives_aligned_widths_and_a_note():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(structure="channel", round_to=0), "round_to must be a positive integer"),
     (dict(structure="channel", round_to="8"), "round_to must be a positive integer"),
-    (dict(structure="channel", recalibrate_bn="yes"), "recalibrate_bn must be True or False"),
+    (dict(structure="channel", recalibrate_bn="yes"), "recalibrate_bn must be True, False or 'auto'"),
     (dict(round_to=8), "round_to= applies to structure='channel' only"),
     (dict(recalibrate_bn=False), "recalibrate_bn= applies to structure='channel' only"),
 ])

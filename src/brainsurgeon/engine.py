@@ -192,7 +192,7 @@ def prune(
     finetune=None,
     compact: bool | None = None,
     round_to: int | None = None,
-    recalibrate_bn: bool | None = None,
+    recalibrate_bn: bool | str | None = None,
     **method_options,
 ) -> PruneResult:
     """Prune a copy of ``model`` with ``method`` to ``sparsity``; ``model`` itself is left untouched.
@@ -210,8 +210,9 @@ def prune(
             with ``False``, the same architecture with the removed units zeroed.
         round_to: with ``structure="channel"``: every layer keeps a multiple of this many units
             (8 or 16 suit CPU convolution kernels; see :mod:`brainsurgeon.structured.allocation`).
-        recalibrate_bn: with ``structure="channel"`` (default ``True``): re-estimate the BatchNorm
-            running statistics of the pruned model on the calibration data.
+        recalibrate_bn: with ``structure="channel"``: re-estimate the BatchNorm running statistics
+            of the pruned model on the calibration data: ``True``, ``False``, or ``"auto"`` (the
+            default: keep them where they lower the calibration loss).
         allocation: ``"uniform"`` (the same sparsity in every layer) or ``"global"`` (one threshold
             over comparable saliencies, no layer above ``max_layer_sparsity``).
         loss_fn: ``loss(outputs, targets)``, a mean over the batch; cross-entropy by default.
@@ -243,7 +244,7 @@ def prune(
             loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
             batch_size=batch_size, progress=progress, compact=True if compact is None else compact,
             method_options=method_options, round_to=round_to,
-            recalibrate_bn=True if recalibrate_bn is None else recalibrate_bn,
+            recalibrate_bn="auto" if recalibrate_bn is None else recalibrate_bn,
         )
     for name, value in (("compact", compact), ("round_to", round_to), ("recalibrate_bn", recalibrate_bn)):
         if value is not None:

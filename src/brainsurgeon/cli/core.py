@@ -209,7 +209,7 @@ def prune_cmd(
     structure: Annotated[str, typer.Option(help="unstructured, N:M (e.g. 2:4), or channel (whole units)")] = "unstructured",
     compact: Annotated[bool, typer.Option(help="with --structure channel: physically smaller layers (else zeroed units)")] = True,
     round_to: Annotated[Optional[int], typer.Option(help="with --structure channel: every layer keeps a multiple of this many units")] = None,
-    recalibrate_bn: Annotated[bool, typer.Option(help="with --structure channel: re-estimate BatchNorm statistics on the calibration data")] = True,
+    recalibrate_bn: Annotated[str, typer.Option(help="with --structure channel: re-estimate BatchNorm statistics on the calibration data: auto (where that lowers the calibration loss), yes or no")] = "auto",
     allocation: Annotated[str, typer.Option(help="uniform or global")] = "uniform",
     max_layer_sparsity: Annotated[float, typer.Option(help="cap per layer under global allocation")] = 0.99,
     num_samples: Annotated[int, typer.Option(help="calibration samples (from the training split)")] = 1024,
@@ -231,6 +231,7 @@ def prune_cmd(
 
     # Everything that can be checked without loading anything comes first.
     method_options = parse_options(option)
+    bn_choice = _recalibrate_choice(recalibrate_bn)
     layers = None
     if include or exclude:
         layers = {"include": list(include or []), "exclude": list(exclude or [])}
@@ -245,7 +246,7 @@ def prune_cmd(
         net, ds.train, method, sparsity, structure=structure, allocation=allocation,
         max_layer_sparsity=max_layer_sparsity, num_samples=num_samples, damping=damping, layers=layers,
         seed=seed, device=device, batch_size=batch_size, progress=False if quiet else None,
-        **({"compact": compact, "recalibrate_bn": recalibrate_bn} if structure == "channel" else {}),
+        **({"compact": compact, "recalibrate_bn": bn_choice} if structure == "channel" else {}),
         **({"round_to": round_to} if round_to is not None else {}), **method_options,
     )
     before = evaluate(net, ds.test, device=device)  # after pruning: the engine checks the data first
@@ -268,6 +269,13 @@ def prune_cmd(
     write_json(out / "report.json", report)
     if not quiet:
         _print_prune_summary(report, out)
+
+
+def _recalibrate_choice(value: str) -> bool | str:
+    choices = {"auto": "auto", "yes": True, "no": False}
+    if value not in choices:
+        raise BrainsurgeonError(f"--recalibrate-bn must be auto, yes or no; got {value!r}")
+    return choices[value]
 
 
 def _print_prune_summary(report: dict, out: Path) -> None:

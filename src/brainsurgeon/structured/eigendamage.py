@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..batchnorm import recalibrate_batchnorm
+from ..batchnorm import batchnorm_notes, choose_batchnorm_statistics
 from ..curvature.diagonal import (
     LayerTaps,
     _accumulate_squared_grads,
@@ -316,12 +316,13 @@ def eigendamage(
     device="cpu",
     batch_size: int = 128,
     progress: bool | None = None,
-    recalibrate_bn: bool = True,
+    recalibrate_bn: bool | str = "auto",
 ):
     """Prune a copy of ``model`` with EigenDamage to remove ``sparsity`` of the target layers'
     weights (counted in the decomposed model); returns a :class:`~brainsurgeon.engine.PruneResult`
     whose model has the pruned layers replaced by their (smaller) eigenbasis decompositions.
-    ``recalibrate_bn``: re-estimate BatchNorm statistics afterwards (``brainsurgeon.batchnorm``)."""
+    ``recalibrate_bn``: re-estimate BatchNorm statistics afterwards (True, False or "auto"; see
+    ``batchnorm.choose_batchnorm_statistics``)."""
     from ..engine import PruneResult, build_options, resolve_loss, working_context
     from ..structured.latency import count_params
     from ..targets import find_targets
@@ -371,7 +372,7 @@ def eigendamage(
                 "cols_kept": cols, "cols": len(p.keep_cols),
                 "weights_before": p.original_params, "weights_after": n_params if pruned else p.original_params,
             }
-    recalibrated = recalibrate_batchnorm(work, calib) if recalibrate_bn else []
+    bn_report = choose_batchnorm_statistics(work, calib, loss_fn, recalibrate_bn)
     w_before = sum(r["weights_before"] for r in layer_rep.values())
     w_after = sum(r["weights_after"] for r in layer_rep.values())
     work.train(model.training)
@@ -383,7 +384,8 @@ def eigendamage(
             "num_samples": calib.num_samples, "layers": layers, "seed": opts.seed, "device": str(opts.device),
             "recalibrate_bn": recalibrate_bn,
         },
-        "batchnorm_recalibrated": recalibrated,
+        "batchnorm": bn_report,
+        "notes": batchnorm_notes(bn_report, calib.num_samples),
         "overall": {
             "target_sparsity": opts.sparsity, "achieved_sparsity": 1 - w_after / w_before,
             "weights_before": w_before, "weights_after": w_after, "directions_removed": removed,

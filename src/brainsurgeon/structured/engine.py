@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..allocation import Structure
-from ..batchnorm import recalibrate_batchnorm
+from ..batchnorm import batchnorm_notes, choose_batchnorm_statistics
 from ..errors import BrainsurgeonError
 from ..targets import find_targets
 from .compact import compact as compact_model
@@ -38,13 +38,14 @@ def structured_methods() -> list[str]:
 def prune_channels(
     model: nn.Module, data, method: str, sparsity, *, allocation: str, max_layer_sparsity, loss_fn,
     num_samples, damping, layers, seed, device, batch_size, progress, compact: bool, method_options: dict,
-    round_to: int | None = None, recalibrate_bn: bool = True,
+    round_to: int | None = None, recalibrate_bn: bool | str = "auto",
 ):
     """Remove the fraction ``sparsity`` of the output units of the prunable layers; see ``bs.prune``.
 
     ``round_to``: each group keeps a multiple of this many units (``allocation.round_counts``).
     ``recalibrate_bn``: re-estimate the BatchNorm statistics of the pruned model on the
-    calibration data (``brainsurgeon.batchnorm``)."""
+    calibration data: True, False, or "auto" (keep them if they lower the calibration loss; see
+    ``batchnorm.choose_batchnorm_statistics``)."""
     from ..engine import PruneResult, _method_class, build_options, resolve_loss, working_context
 
     t_start = time.perf_counter()
@@ -64,8 +65,8 @@ def prune_channels(
         raise BrainsurgeonError(f"compact must be True (a smaller model) or False (zeroed units), got {compact!r}")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise BrainsurgeonError(f"round_to must be a positive integer (channels kept per layer a multiple of it), got {round_to!r}")
-    if not isinstance(recalibrate_bn, bool):
-        raise BrainsurgeonError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
+    if not (isinstance(recalibrate_bn, bool) or recalibrate_bn == "auto"):
+        raise BrainsurgeonError(f"recalibrate_bn must be True, False or 'auto', got {recalibrate_bn!r}")
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     algo = method_cls.create(**method_options)
@@ -118,21 +119,17 @@ def prune_channels(
         if not torch.isfinite(p).all():
             raise RuntimeError(f"method {method!r} produced non-finite weights")
 
-    recalibrated = recalibrate_batchnorm(work, calib) if recalibrate_bn else []
+    bn_report = choose_batchnorm_statistics(work, calib, loss_fn, recalibrate_bn)
     with ctx.timer("measure"):
         before, after, speedup = compare(dense, work, sample_shape, opts.device, dtype)
     del dense
     report = _report(ctx, algo, groups, keep, units_before, capped, before, after, shapes_before, compact, layers, t_start)
     report["cost"]["speedup"] = speedup
     report["options"].update(round_to=round_to, recalibrate_bn=recalibrate_bn)
-    report["batchnorm_recalibrated"] = recalibrated
+    report["batchnorm"] = bn_report
     if rounded:
         report["notes"].append(f"round_to={round_to}: the kept units of {', '.join(rounded)} rounded to a multiple of {round_to}")
-    if recalibrated:
-        report["notes"].append(
-            f"BatchNorm statistics re-estimated on the {calib.num_samples} calibration samples "
-            f"({len(recalibrated)} layers)"
-        )
+    report["notes"].extend(batchnorm_notes(bn_report, calib.num_samples))
     work.train(model.training)
     return _carry_spec(model, PruneResult(model=work, report=report, masks={k: v.detach().cpu() for k, v in keep.items()}))
 
