@@ -223,6 +223,28 @@ def test_sparsegpt_blocksize_one_matches_sequential_obs(structure):
     assert int((~keep1).sum()) == count
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_sparsegpt_lazy_blocks_are_exact_when_the_width_is_not_a_multiple(structure):
+    torch.manual_seed(9)
+    x = correlated_inputs(90, 12)
+    h = hessian_of(x)
+    w = torch.randn(6, 12, dtype=torch.float64)
+    s = Structure.parse(structure)
+    count = 36
+    mbs = None if s.is_nm else 1
+    ref, keep_ref = sparsegpt_prune(w, h, count, s, blocksize=4 if s.is_nm else 1, mask_blocksize=mbs)
+    for bs_ in (8, 16):  # 12 = 8 + 4: a short last block; 16: one block wider than the layer
+        out, keep = sparsegpt_prune(w, h, count, s, blocksize=bs_, mask_blocksize=mbs)
+        assert torch.equal(keep, keep_ref)
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    # float32 (the production path: LAPACK in float32, the same algebra) agrees to float32 precision
+    out32, keep32 = sparsegpt_prune(w.float(), h, count, s, blocksize=8, mask_blocksize=mbs)
+    assert int((~keep32).sum()) == count and (out32[~keep32] == 0).all()
+    same = keep32 == keep_ref
+    assert same.all(1).sum() >= 4  # float32 rounding may flip a near-tie, not the whole mask
+    torch.testing.assert_close(out32.double()[same.all(1)], ref[same.all(1)], rtol=1e-4, atol=1e-4)
+
+
 def test_sparsegpt_reconstructs_better_than_magnitude():
     x = correlated_inputs(400, 32, seed=5)
     torch.manual_seed(5)
