@@ -11,9 +11,9 @@ the cap decided the count are reported as capped.
 ``round_to`` (optional, after either allocation): each group keeps the multiple of ``round_to``
 units nearest to what the allocation kept (at least ``round_to``, at most all of them). CPU and GPU
 convolution kernels work on channel blocks (8 or 16 floats on AVX2 / AVX-512; tensor-core tiles),
-so a pruned layer with 23 channels runs as if it had 32: measured on SmallResNet at batch 64,
-widths 11/23/46 run 1.4-1.5x faster than 16/32/64 for 2.0x fewer FLOPs, widths 8/24/48 2.1-2.3x
-faster for 2.4x fewer.
+so a pruned layer with 23 channels runs as if it had 32. Measured (``benchmarks/structured.py``,
+AVX-512, one thread, batch 64): SmallResNet 32/64/128 pruned to 22/45/90 runs 1.2x faster for
+2.06x fewer FLOPs; with ``round_to=16`` (16/48/96) 2.1-2.3x faster for 2.38x fewer.
 """
 from __future__ import annotations
 

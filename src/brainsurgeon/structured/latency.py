@@ -7,8 +7,13 @@ with the process's current thread setting (reported alongside).
 
 Before/after comparisons (``compare``) time the two models interleaved, in alternating order, and
 report the median of the per-round ratios as the speedup: on a shared machine whose speed drifts
-by 2x over seconds (measured here: the same forward pass took 13 ms in one minute and 25 ms in
-the next), timing one model after the other compares two different machines.
+over seconds, timing one model after the other compares two different machines.
+
+Measure in a process that has already done some work. In a fresh process glibc hands every
+activation of a few MB back to the operating system when it is freed, so each forward pass pays
+page faults in proportion to its activation memory (measured: SmallResNet at batch 64 took
+21-32 ms in a fresh process, 10-13 ms once a larger block had been freed), which flatters the
+smaller model. ``bs.prune`` measures after pruning, when that is no longer the case.
 """
 from __future__ import annotations
 
