@@ -44,16 +44,20 @@ def paired_latency_ms(
     t0 / t1): each round times both on the same input, the order alternating between rounds;
     stops early after ``budget_s`` (at least 5 rounds)."""
     x = torch.randn(batch, *sample_shape, device=device, dtype=dtype)
+    # CUDA kernels run asynchronously: wait for them, or the clock measures only the launches
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for _ in range(warmup):
             for m in models:
                 m(x)
+        sync()
         start = time.perf_counter()
         for r in range(rounds):
             for i in ((0, 1) if r % 2 == 0 else (1, 0)):
                 t0 = time.perf_counter()
                 models[i](x)
+                sync()
                 times[i].append(time.perf_counter() - t0)
             if time.perf_counter() - start > budget_s and r >= 4:
                 break
