@@ -146,6 +146,7 @@ def _resnet_section(data, n_calib: int, widths, why: str) -> tuple[str, str]:
     shape = tuple(data.x_train.shape[1:])
     example = torch.zeros(1, *shape)
     base_flops = count_flops(model, example)
+    cal = Calibration.from_data(calib, n_calib)  # the batches bs.prune recalibrates on
     parts, verdicts = [], []
     for round_to in (None, ROUND_TO):
         # uniform allocation: the compact model's FLOPs depend on the unit counts only, not on the
@@ -159,7 +160,6 @@ def _resnet_section(data, n_calib: int, widths, why: str) -> tuple[str, str]:
                 rows.append([method, f"n/a ({str(e)[:40]})", "", "", "", "", "", "", ""])
                 continue
             acc_stale = accuracy(res.model, data)
-            cal = Calibration.from_data(calib, n_calib)
             recal = copy.deepcopy(res.model)
             recalibrate_batchnorm(recal, cal)  # what recalibrate_bn=True does
             acc_recal = accuracy(recal, data)

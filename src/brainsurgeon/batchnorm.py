@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .data import Calibration
+from .evaluate import evaluate
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -55,19 +56,8 @@ def recalibrate_batchnorm(model: nn.Module, calib: Calibration) -> list[str]:
 
 
 def calibration_loss(model: nn.Module, calib: Calibration, loss_fn) -> float:
-    """Mean of ``loss_fn`` over the calibration samples, in eval mode (training flags restored)."""
-    modes = {m: m.training for m in model.modules()}
-    total, count = 0.0, 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for x, y in calib.batches:
-                total += float(loss_fn(model(x), y)) * len(x)
-                count += len(x)
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    return total / count
+    """Mean of ``loss_fn`` over the calibration samples, in eval mode (``evaluate.evaluate``)."""
+    return evaluate(model, calib.batches, loss_fn, device=calib.batches[0][0].device)["loss"]
 
 
 def choose_batchnorm_statistics(model: nn.Module, calib: Calibration, loss_fn, mode: bool | str) -> dict:
