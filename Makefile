@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,sparse,onnx]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,sparse,onnx,hf]"
 	touch $(STAMP)
 
 test: $(STAMP)
