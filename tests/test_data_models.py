@@ -196,11 +196,11 @@ def test_bad_specs_are_refused():
     with pytest.raises(BrainsurgeonError, match="must be a dict"):
         build_model("lenet300")
     with pytest.raises(BrainsurgeonError, match="package.module:function"):
-        build_model({"factory": "no_colon_here"})
+        build_model({"factory": "no_colon_here"}, factory="no_colon_here")
     with pytest.raises(BrainsurgeonError, match="cannot import"):
-        build_model({"factory": "surely_not_a_module_xyz:make"})
+        build_model({"factory": "surely_not_a_module_xyz:make"}, factory="surely_not_a_module_xyz:make")
     with pytest.raises(BrainsurgeonError, match="no callable"):
-        build_model({"factory": "torch.nn:not_a_thing"})
+        build_model({"factory": "torch.nn:not_a_thing"}, factory="torch.nn:not_a_thing")
 
 
 FACTORY_SOURCE = textwrap.dedent(
@@ -223,17 +223,17 @@ def factory_module(tmp_path, monkeypatch):
 
 def test_factory_specs_round_trip(factory_module, tmp_path):
     spec = {"factory": factory_module, "kwargs": {"width": 5}}
-    model = build_model(spec)
+    model = build_model(spec, factory=factory_module)
     assert model[1].out_features == 5
     save_weights(model, tmp_path / "f.safetensors", spec)
-    loaded = load_model(tmp_path / "f.safetensors")
+    loaded = load_model(tmp_path / "f.safetensors", factory=factory_module)  # a file's factory runs only when named
     assert loaded.brainsurgeon_spec == spec
     assert torch.equal(loaded[1].weight, model[1].weight)
 
 
 def test_torch_files_load_with_weights_only(factory_module, tmp_path):
     spec = {"factory": factory_module, "kwargs": {}}
-    model = build_model(spec)
+    model = build_model(spec, factory=factory_module)
     torch.save(model.state_dict(), tmp_path / "w.pt")
     loaded = load_model(tmp_path / "w.pt", spec)
     for k, v in model.state_dict().items():

@@ -201,6 +201,29 @@ def test_joint_refit_matches_the_block_obs_formula():
     assert torch.count_nonzero(res.weight[pruned]) == 0
 
 
+def test_later_step_saliency_is_a_lower_bound_of_the_true_obs_loss():
+    """After Q is removed, kfac-obs still scores with [S^-1]_ii [A^-1]_jj (no downdate). The true
+    OBS loss uses the inverse of the Fisher restricted to the remaining weights R; the method's
+    saliency equals it with Q empty and is a lower bound otherwise (as its docstring says)."""
+    a, s, w0, finv = explicit_problem(out=4, d=6, seed=5)
+    fisher = torch.kron(s.matrix, a.matrix)
+    n = w0.shape[1] - 1
+    torch.testing.assert_close(
+        obs_saliency(w0[:, :n], s, a).reshape(-1),
+        (w0**2 / (2 * finv.diagonal().reshape(w0.shape)))[:, :n].reshape(-1), rtol=1e-10, atol=0,
+    )
+    pruned = torch.zeros_like(w0, dtype=torch.bool)
+    pruned[0, 1] = pruned[1, 3] = pruned[2, 0] = pruned[3, 4] = pruned[3, 2] = True
+    w = constrained_refit(w0, w0, pruned, s, a, max_iters=500, tol=1e-13).weight
+    keep = ~pruned.reshape(-1)
+    true = w.reshape(-1)[keep] ** 2 / (2 * torch.linalg.inv(fisher[keep][:, keep]).diagonal())
+    sal = torch.cat([obs_saliency(w[:, :n], s, a), torch.full((4, 1), float("nan"), dtype=torch.float64)], 1)
+    sal = sal.reshape(-1)[keep]
+    weights = ~torch.isnan(sal)  # the bias column is never scored
+    assert (sal[weights] <= true[weights] * (1 + 1e-10)).all()
+    assert (sal[weights] < true[weights] * (1 - 1e-3)).any()  # and not equal: the bound is loose
+
+
 # ----------------------------------------------------------------------------- the methods
 @pytest.fixture(scope="module")
 def trained():

@@ -76,8 +76,20 @@ def test_delta_round_trip_with_filler_zeros(bits):
     nnz = int((t != 0).sum())
     if bits < 16:
         assert e.info["entries"] > nnz  # fillers were needed
-    assert e.nbytes == formats.delta_size(((t.reshape(-1) != 0).nonzero().reshape(-1)).numpy(), bits, 4)
+    assert e.nbytes == formats.delta_size(((t.reshape(-1) != 0).nonzero().reshape(-1)).numpy(), bits, 4, t.numel())
     assert same_bits(t, formats.decode(e))
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_delta_fillers_cover_trailing_zeros(bits):
+    t = torch.zeros(40, 5000)
+    t[0, 3] = 1.0  # one non-zero, then 199,996 zeros: fillers must run on to within one gap of the end
+    e = formats.encode_delta(t, bits)
+    cap = (1 << bits) - 1
+    assert e.info["entries"] == 1 + (t.numel() - 1 - 3) // cap
+    assert same_bits(t, formats.decode(e))
+    empty = formats.encode_delta(torch.zeros(3, 7), 4)  # no non-zero at all: fillers only
+    assert same_bits(torch.zeros(3, 7), formats.decode(empty))
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (2, 16), (8, 32)])
@@ -105,7 +117,8 @@ def test_encode_best_prefers_smallest():
     assert best.encoding == "nm" and best.info["m"] == 4 and best.info["n"] == 2
     for t in (dense, nm, sparse_tensor((300, 784), 0.9)):
         e = formats.encode_best(t)
-        assert e.nbytes == min(formats.encode_dense(t).nbytes, formats.encode_csr(t).nbytes, e.nbytes)
+        size = formats.stored_size
+        assert size(e) == min(size(formats.encode_dense(t)), size(formats.encode_csr(t)), size(e))
 
 
 def test_negative_zero_loads_as_positive_zero_and_nonzeros_are_bitwise():
@@ -203,7 +216,8 @@ def test_size_bars(tmp_path, pruned_lenet, sparsity, bar):
 
 
 # ----------------------------------------------------------------------------- bad input
-def _rewrite(path, meta_change=None, drop=None):
+def _rewrite(path, meta_change=None, drop=None, rechecksum=False):
+    """Edit a saved file's header or arrays; ``rechecksum``: as a crafted file would, with a valid checksum."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -212,6 +226,8 @@ def _rewrite(path, meta_change=None, drop=None):
     meta.update(meta_change or {})
     for k in drop or ():
         arrays.pop(k)
+    if rechecksum:
+        meta[storage.CHECKSUM_KEY] = storage._checksum(arrays, meta)
     save_file(arrays, str(path), metadata=meta)
 
 
@@ -230,7 +246,7 @@ def test_unknown_format_is_refused(saved):
 
 
 def test_newer_version_is_refused(saved):
-    _rewrite(saved, {storage.VERSION_KEY: "2"})
+    _rewrite(saved, {storage.VERSION_KEY: str(storage.FORMAT_VERSION + 1)})
     with pytest.raises(BrainsurgeonError, match="newer than this brainsurgeon"):
         bs.load(saved)
 
@@ -242,6 +258,9 @@ def test_unknown_tensor_encoding_is_refused(saved):
         table = json.loads(f.metadata()[storage.TENSORS_KEY])
     table["net.1.weight"]["encoding"] = "huffman"
     _rewrite(saved, {storage.TENSORS_KEY: json.dumps(table)})
+    with pytest.raises(BrainsurgeonError, match="checksum"):  # the checksum covers the header too
+        bs.load(saved)
+    _rewrite(saved, {storage.TENSORS_KEY: json.dumps(table)}, rechecksum=True)
     with pytest.raises(BrainsurgeonError, match="unknown tensor encoding"):
         bs.load(saved)
 
@@ -263,7 +282,7 @@ def test_corrupted_data_fails_checksum(saved):
 
 
 def test_missing_part_is_refused(saved):
-    _rewrite(saved, drop=[k for k in load_file(str(saved)) if k.startswith("net.3.weight::")][:1])
+    _rewrite(saved, drop=[k for k in load_file(str(saved)) if k.startswith("net.3.weight::")][:1], rechecksum=True)
     with pytest.raises(BrainsurgeonError):
         bs.load(saved)
 
@@ -335,3 +354,157 @@ def test_cli_export_sparse_and_dense(tmp_path, pruned_lenet):
     bad = runner.invoke(app, ["export", "--model", str(tmp_path / "p.safetensors"), "--format", "zip",
                               "--out", str(tmp_path / "z")])
     assert bad.exit_code == 2 and "--format" in bad.output
+
+
+# ----------------------------------------------------------------------------- crafted files (issue 9)
+def _crafted(saved, name, change):
+    """Edit tensor ``name``'s header entry and/or arrays and give the file a valid checksum."""
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as f:
+        meta = dict(f.metadata())
+    arrays = load_file(str(saved))
+    table = json.loads(meta[storage.TENSORS_KEY])
+    change(table[name], arrays)
+    meta[storage.TENSORS_KEY] = json.dumps(table)
+    meta[storage.CHECKSUM_KEY] = storage._checksum(arrays, meta)
+    save_file(arrays, str(saved), metadata=meta)
+
+
+def _nm_file(tmp_path):
+    t = torch.randn(8, 16)
+    t.reshape(8, 4, 4)[..., 2:] = 0  # 2:4
+    path = tmp_path / "nm.safetensors"
+    assert bs.save(Holder({"w": t}), path)["encodings"]["w"] == "nm"
+    return path, t
+
+
+def _csr_file(tmp_path):
+    t = sparse_tensor((40, 30), 0.6)
+    path = tmp_path / "csr.safetensors"
+    h = Holder({"w": t})
+    arrays, table, _ = storage.encode_state({"w": t}, "sparse")
+    enc = formats.encode_csr(t)  # force CSR whatever is smallest
+    arrays = {f"w::{k}": v for k, v in enc.parts.items()}
+    table = {"w": {"encoding": "csr", "shape": list(t.shape), "dtype": "float32", **enc.info}}
+    save_file(arrays, str(path), metadata=storage.file_metadata(arrays, table, "sparse", None))
+    assert torch.equal(bs.load(path, model=h).w, t)
+    return path, t
+
+
+def _template(t):
+    return Holder({"w": torch.zeros_like(t)})
+
+
+def test_nm_with_repeated_positions_is_refused(tmp_path):
+    path, t = _nm_file(tmp_path)
+
+    def repeat(entry, arrays):  # both values of the first group at position 0 (2-bit positions, 4 per byte)
+        arrays["w::positions"][0] = 0
+
+    _crafted(path, "w", repeat)
+    with pytest.raises(BrainsurgeonError, match="N:M positions repeat"):
+        bs.load(path, model=_template(t))
+
+
+def test_csr_with_duplicate_column_is_refused(tmp_path):
+    path, t = _csr_file(tmp_path)
+
+    def dup(entry, arrays):
+        col = arrays["w::col_idx"]
+        col[1] = col[0]  # the first row has >= 2 values (checked below): its second lands on its first
+    assert int((t[0] != 0).sum()) >= 2
+    _crafted(path, "w", dup)
+    with pytest.raises(BrainsurgeonError, match="column indices repeat"):
+        bs.load(path, model=_template(t))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bits", 0, "'bits' is 0"), ("m", 0, "'m' is 0"), ("n", 0, "'n' is 0"), ("m", 4.0, "not an integer"),
+    ("bits", None, "not an integer"), ("n", True, "not an integer")])
+def test_nm_header_fields_are_validated(tmp_path, field, value, match):
+    path, t = _nm_file(tmp_path)
+    _crafted(path, "w", lambda entry, arrays: entry.__setitem__(field, value))
+    with pytest.raises(BrainsurgeonError, match=match):
+        bs.load(path, model=_template(t))
+
+
+@pytest.mark.parametrize("key", ["bits", "entries", "shape", "dtype", "encoding"])
+def test_missing_header_key_is_refused(tmp_path, key):
+    t = sparse_tensor((50, 300), 0.97)
+    path = tmp_path / "d.safetensors"
+    assert bs.save(Holder({"w": t}), path)["encodings"]["w"] == "delta"
+    _crafted(path, "w", lambda entry, arrays: entry.pop(key))
+    with pytest.raises(BrainsurgeonError):
+        bs.load(path, model=_template(t))
+
+
+@pytest.mark.parametrize("shape", [[50, 300.5], [50.0, 300], ["50", 300], [50, -300], [50, True], "15000", None])
+def test_bad_shapes_are_refused(tmp_path, shape):
+    t = sparse_tensor((50, 300), 0.97)
+    path = tmp_path / "d.safetensors"
+    bs.save(Holder({"w": t}), path)
+    _crafted(path, "w", lambda entry, arrays: entry.__setitem__("shape", shape))
+    with pytest.raises(BrainsurgeonError):
+        bs.load(path, model=_template(t))
+
+
+@pytest.mark.parametrize("encoding", ["delta", "csr", "nm"])
+def test_allocation_bomb_is_refused_before_allocating(tmp_path, encoding, monkeypatch):
+    if encoding == "delta":
+        t = sparse_tensor((50, 300), 0.97)
+        path = tmp_path / "d.safetensors"
+        bs.save(Holder({"w": t}), path)
+    else:
+        path, t = (_csr_file if encoding == "csr" else _nm_file)(tmp_path)
+    _crafted(path, "w", lambda entry, arrays: entry.__setitem__("shape", [20_000, 25_000]))
+    real_zeros = torch.zeros
+
+    def guarded_zeros(*size, **kw):  # nothing of the declared 5e8 elements may be allocated
+        n = 1
+        for s in (size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size):
+            n *= int(s)
+        assert n < 10_000_000, f"allocated {n} elements"
+        return real_zeros(*size, **kw)
+
+    monkeypatch.setattr(torch, "zeros", guarded_zeros)
+    with pytest.raises(BrainsurgeonError):
+        bs.load(path, model=_template(t))
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A file as version 1 wrote it (dense entries in the table, checksum over the arrays only)."""
+    t = sparse_tensor((30, 200), 0.95)
+    bias = torch.randn(30)
+    e = formats.encode_csr(t)
+    arrays = {**{f"w::{k}": v for k, v in e.parts.items()}, "b": bias}
+    table = {"w": {"encoding": "csr", "shape": [30, 200], "dtype": "float32", **e.info},
+             "b": {"encoding": "dense", "shape": [30], "dtype": "float32"}}
+    meta = {storage.FORMAT_KEY: "brainsurgeon-sparse", storage.VERSION_KEY: "1",
+            storage.TENSORS_KEY: json.dumps(table), storage.CHECKSUM_KEY: storage._checksum(arrays)}
+    save_file(arrays, str(tmp_path / "v1.safetensors"), metadata=meta)
+    loaded = bs.load(tmp_path / "v1.safetensors", model=Holder({"w": torch.zeros(30, 200), "b": torch.zeros(30)}))
+    assert same_bits(t, loaded.w) and torch.equal(bias, loaded.b)
+
+
+def test_channel_pruned_compact_model_is_never_larger_than_dense(tmp_path):
+    """Issue 9: a channel-pruned (compact, all dense) resnet was exported at 117.5% of its dense size."""
+    spec = make_spec("resnet")
+    model = build_model(spec)
+    model.brainsurgeon_spec = spec
+    data = (torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    pruned = bs.prune(model, data, "l1-norm", 0.5, structure="channel").model
+    sparse = bs.save(pruned, tmp_path / "s.safetensors")
+    dense = bs.save(pruned, tmp_path / "d.safetensors", format="dense")
+    assert sparse["bytes"] <= dense["bytes"]
+    # was 1.175 of the float32 bytes: the table listed every dense entry again; what is left is the
+    # safetensors header of ~100 small tensors (BatchNorm), which the dense file pays too
+    assert sparse["ratio_to_dense"] < 1.12, sparse["ratio_to_dense"]
+    loaded = bs.load(tmp_path / "s.safetensors")
+    assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_save_to_an_existing_directory_is_refused(tmp_path):
+    with pytest.raises(BrainsurgeonError, match="is a directory"):
+        bs.save(nn.Linear(2, 2), tmp_path)
+    assert list(tmp_path.iterdir()) == []

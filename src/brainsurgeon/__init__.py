@@ -1,5 +1,6 @@
 """brainsurgeon: prune PyTorch networks by the curvature of the loss or by classic criteria."""
-from .engine import PruneResult, prune
+from .api import prune
+from .engine import PruneResult
 from .errors import BrainsurgeonError, MemoryBudgetError
 from .registry import methods, register
 
@@ -12,3 +13,6 @@ from .finetune import FineTune, finetune  # noqa: E402
 from .sensitivity import sensitivity  # noqa: E402
 
 __all__ += ["FineTune", "finetune", "sensitivity"]
+from . import text  # noqa: E402  (bs.text: calibration windows and perplexity; imports no transformers)
+
+__all__ += ["text"]

@@ -76,8 +76,26 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def uniform_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    return {name: lowest_k_mask(s, num_pruned(s.numel(), sparsity)) for name, s in scores.items()}
+def layer_cap(numel: int, max_layer_sparsity: float) -> int:
+    """The most weights one layer may lose: ``floor(cap * n)``, so no layer is emptied."""
+    return math.floor(max_layer_sparsity * numel + 1e-9)
+
+
+def uniform_count(numel: int, sparsity: float, max_layer_sparsity: float = 0.99) -> int:
+    """Weights a layer loses under uniform allocation: ``round(sparsity * n)``, held at the same
+    no-empty-layer cap as global allocation (a 10x100 layer at sparsity 0.9999 keeps 10 weights)."""
+    return min(num_pruned(numel, sparsity), layer_cap(numel, max_layer_sparsity))
+
+
+def capped_sparsity(numel: int, sparsity: float, max_layer_sparsity: float) -> float:
+    """The per-layer sparsity :func:`uniform_count` gives."""
+    return uniform_count(numel, sparsity, max_layer_sparsity) / numel
+
+
+def uniform_masks(
+    scores: dict[str, torch.Tensor], sparsity: float, max_layer_sparsity: float = 0.99
+) -> dict[str, torch.Tensor]:
+    return {name: lowest_k_mask(s, uniform_count(s.numel(), sparsity, max_layer_sparsity)) for name, s in scores.items()}
 
 
 def global_counts(
@@ -92,7 +110,7 @@ def global_counts(
     k = num_pruned(total, sparsity)
     eligible, owners = [], []
     for i, (name, s) in enumerate(scores.items()):
-        cap = math.floor(max_layer_sparsity * s.numel() + 1e-9)
+        cap = layer_cap(s.numel(), max_layer_sparsity)
         if cap == 0:
             continue
         eligible.append(torch.sort(s.reshape(-1).double(), stable=True).values[:cap])
@@ -134,7 +152,7 @@ def allocate_masks(
         return {name: nm_mask(s, structure.n, structure.m) for name, s in scores.items()}
     if allocation == "global":
         return global_masks(scores, sparsity, max_layer_sparsity)
-    return uniform_masks(scores, sparsity)
+    return uniform_masks(scores, sparsity, max_layer_sparsity)
 
 
 def layer_sparsities(
@@ -144,4 +162,4 @@ def layer_sparsities(
     if allocation == "global":
         counts = global_counts(scores, sparsity, max_layer_sparsity)
         return {name: counts[name] / scores[name].numel() for name in scores}
-    return {name: sparsity for name in scores}
+    return {name: capped_sparsity(scores[name].numel(), sparsity, max_layer_sparsity) for name in scores}

@@ -74,6 +74,9 @@ class PruneContext:
     numerics: Numerics = field(default_factory=Numerics)
     timer: Timings = field(default_factory=Timings)
     extra_report: dict = field(default_factory=dict)
+    #: what the block-sequential walk does around blocks (``sequential.BlockHooks``: out-of-core
+    #: loading and release); None: the blocks are in memory
+    block_hooks: object | None = None
 
     def track(self, iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
         return track(iterable, description, self.show_progress, total)

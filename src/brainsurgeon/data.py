@@ -65,33 +65,45 @@ def iter_batches(data, batch_size: int = 128) -> Iterator[Batch]:
 
 @dataclass
 class Calibration:
-    """A fixed, materialised set of calibration batches (at most ``num_samples`` samples)."""
+    """A fixed, materialised set of calibration batches.
+
+    ``num_samples=None`` takes all of the data; a number takes the first ``num_samples`` samples.
+    ``given`` is how many samples the data held (None when an iterable was not read to its end),
+    ``truncated`` whether some were left out: the report states both, never silently."""
 
     batches: list[Batch]
+    given: int | None = None
+    truncated: bool = False
 
     @classmethod
     def from_data(cls, data, num_samples: int | None = None, batch_size: int = 128) -> "Calibration":
         batches: list[Batch] = []
-        seen = 0
+        seen, truncated = 0, False
         for x, y in iter_batches(data, batch_size):
-            if num_samples is not None and seen + len(x) > num_samples:
-                x, y = x[: num_samples - seen], y[: num_samples - seen]
-            if len(x) == 0:
+            if num_samples is not None and seen >= num_samples:
+                truncated = truncated or len(x) > 0  # more data than asked for: stop reading
                 break
+            if num_samples is not None and seen + len(x) > num_samples:
+                x, y, truncated = x[: num_samples - seen], y[: num_samples - seen], True
+            if len(x) == 0:
+                continue
             batches.append((x, y))
             seen += len(x)
-            if num_samples is not None and seen >= num_samples:
-                break
         if not batches:
             raise BrainsurgeonError("the data is empty: give at least one (inputs, targets) sample")
-        return cls(batches)
+        given = len(data[0]) if is_tensor_pair(data) else (None if truncated else seen)
+        return cls(batches, given=given, truncated=truncated)
+
+    def summary(self) -> dict:
+        """``{"used": ..., "given": ..., "truncated": ...}`` for the report."""
+        return {"used": self.num_samples, "given": self.given, "truncated": self.truncated}
 
     @property
     def num_samples(self) -> int:
         return sum(len(x) for x, _ in self.batches)
 
     def to(self, device) -> "Calibration":
-        return Calibration([(x.to(device), y.to(device)) for x, y in self.batches])
+        return Calibration([(x.to(device), y.to(device)) for x, y in self.batches], self.given, self.truncated)
 
     def inputs(self) -> torch.Tensor:
         return torch.cat([x for x, _ in self.batches])

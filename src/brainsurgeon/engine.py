@@ -1,4 +1,5 @@
-"""``bs.prune``: validate everything up front, prune a copy, zero the pruned weights, report."""
+"""One pruning pass (``prune_step``): validate everything up front, prune a copy, zero the pruned weights,
+report. The public entry point ``bs.prune`` is :func:`brainsurgeon.api.prune`, which calls down into here."""
 from __future__ import annotations
 
 import copy
@@ -14,12 +15,14 @@ from torch import nn
 from .allocation import Structure
 from .context import PruneContext, PruneOptions
 from .data import Calibration
+from . import validation
+from .distributed import check_setup
 from .errors import BrainsurgeonError
 from .progress import progress_enabled
 from .registry import get_method
 from .targets import LayerSpec, find_targets
 
-ALLOCATIONS = ("uniform", "global", "sensitivity")
+ALLOCATIONS = ("uniform", "global", "sensitivity", "owl")
 
 
 @dataclass
@@ -73,8 +76,8 @@ def build_options(
             f"max_layer_sparsity={max_layer_sparsity} is below the global sparsity {sparsity}: "
             "no allocation can reach it; raise the cap"
         )
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise BrainsurgeonError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1):
+        raise BrainsurgeonError(f"num_samples must be a positive integer or None (all the data), got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise BrainsurgeonError(f"batch_size must be a positive integer, got {batch_size!r}")
     if damping is not None and (
@@ -91,7 +94,7 @@ def build_options(
         raise BrainsurgeonError("device='cuda' was asked for but CUDA is not available; use device='cpu'")
     return PruneOptions(
         method=method, sparsity=sparsity, structure=struct, allocation=allocation,
-        max_layer_sparsity=float(max_layer_sparsity), num_samples=int(num_samples),
+        max_layer_sparsity=float(max_layer_sparsity), num_samples=None if num_samples is None else int(num_samples),
         damping=None if damping is None else float(damping), seed=int(seed), device=dev,
         batch_size=int(batch_size),
     )
@@ -147,11 +150,13 @@ def working_context(model: nn.Module, data, opts: PruneOptions, layers, loss_fn,
     targets = find_targets(work, layers)
     calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
     _check_data_fits(work, calib, loss_fn)
+    validation.check_calibration(calib, loss_fn, validation.num_outputs(work, calib))  # every batch, not the first
     gen_device = opts.device if opts.device.type == "cuda" else torch.device("cpu")
     return PruneContext(
         model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,
         generator=torch.Generator(gen_device).manual_seed(opts.seed),
         show_progress=progress_enabled(progress),
+        extra_report=validation.run_notes(work, targets, calib, opts, layers),  # used/given data, not pruned, tied, capped
     )
 
 
@@ -170,95 +175,6 @@ def _layer_report(ctx: PruneContext, masks, targets_sparsity) -> dict:
     return layers
 
 
-def prune(
-    model: nn.Module,
-    data,
-    method: str = "magnitude",
-    sparsity: float | None = None,
-    *,
-    structure: str = "unstructured",
-    allocation: str = "uniform",
-    max_layer_sparsity: float = 0.99,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    num_samples: int = 1024,
-    damping: float | None = None,
-    layers: LayerSpec = None,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    batch_size: int = 128,
-    progress: bool | None = None,
-    schedule: str = "oneshot",
-    steps: int | None = None,
-    finetune=None,
-    compact: bool | None = None,
-    round_to: int | None = None,
-    recalibrate_bn: bool | str | None = None,
-    **method_options,
-) -> PruneResult:
-    """Prune a copy of ``model`` with ``method`` to ``sparsity``; ``model`` itself is left untouched.
-
-    Args:
-        model: a trained ``nn.Module``.
-        data: an iterable of ``(inputs, targets)`` batches (a DataLoader works) or one
-            ``(inputs, targets)`` tuple of tensors; at most ``num_samples`` samples are used.
-        method: a registered method (``bs.methods()`` lists them).
-        sparsity: the fraction of prunable weights to remove, in [0, 1).
-        structure: ``"unstructured"``, an N:M pattern such as ``"2:4"``, or ``"channel"``: remove the
-            fraction ``sparsity`` of the output units (neurons, filters) with a structured method
-            (see :mod:`brainsurgeon.structured`).
-        compact: with ``structure="channel"``: return a physically smaller model (default) or,
-            with ``False``, the same architecture with the removed units zeroed.
-        round_to: with ``structure="channel"``: every layer keeps a multiple of this many units
-            (8 or 16 suit CPU convolution kernels; see :mod:`brainsurgeon.structured.allocation`).
-        recalibrate_bn: with ``structure="channel"``: re-estimate the BatchNorm running statistics
-            of the pruned model on the calibration data: ``True``, ``False``, or ``"auto"`` (the
-            default: keep them where they lower the calibration loss).
-        allocation: ``"uniform"`` (the same sparsity in every layer) or ``"global"`` (one threshold
-            over comparable saliencies, no layer above ``max_layer_sparsity``).
-        loss_fn: ``loss(outputs, targets)``, a mean over the batch; cross-entropy by default.
-        damping: relative damping of curvature inverses (each method documents its default).
-        layers: name patterns: ``["fc*"]`` or ``{"include": [...], "exclude": [...]}``; by default
-            every Linear and Conv2d weight.
-        seed: seeds every random choice; same inputs and seed give the same result.
-        progress: show progress bars (default: when stderr is a terminal).
-        schedule: ``"oneshot"``, ``"iterative"`` (geometric targets), ``"iterative-linear"`` or
-            ``"gradual"`` (Zhu & Gupta 2017), over ``steps`` rounds; see :mod:`brainsurgeon.schedules`.
-        finetune: a :class:`~brainsurgeon.finetune.FineTune`: fine-tune with the masks held after
-            pruning (its epochs are the total budget, spread over the rounds of a schedule).
-        **method_options: options of the method itself (see its docstring).
-
-    ``allocation="sensitivity"`` measures each layer's sensitivity with ``method`` first and picks
-    per-layer sparsities meeting the overall target with the least predicted loss increase.
-
-    Returns:
-        :class:`PruneResult` with ``model`` (same architecture, pruned weights exactly zero),
-        ``masks`` and ``report``.
-    """
-    if structure == "channel":
-        if schedule != "oneshot" or finetune is not None or steps is not None:
-            raise BrainsurgeonError("structure='channel' prunes one-shot: leave schedule, steps and finetune out")
-        from .structured.engine import prune_channels
-
-        return prune_channels(
-            model, data, method, sparsity, allocation=allocation, max_layer_sparsity=max_layer_sparsity,
-            loss_fn=loss_fn, num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device,
-            batch_size=batch_size, progress=progress, compact=True if compact is None else compact,
-            method_options=method_options, round_to=round_to,
-            recalibrate_bn="auto" if recalibrate_bn is None else recalibrate_bn,
-        )
-    for name, value in (("compact", compact), ("round_to", round_to), ("recalibrate_bn", recalibrate_bn)):
-        if value is not None:
-            raise BrainsurgeonError(f"{name}= applies to structure='channel' only (whole units removed)")
-    from .schedules import run_schedule
-
-    return run_schedule(
-        model, data, method, sparsity, schedule=schedule, steps=steps, finetune=finetune, structure=structure,
-        allocation=allocation, max_layer_sparsity=max_layer_sparsity, loss_fn=loss_fn, num_samples=num_samples,
-        damping=damping, layers=layers, seed=seed, device=device, batch_size=batch_size, progress=progress,
-        **method_options,
-    )
-
-
 def prune_step(
     model: nn.Module,
     data,
@@ -269,7 +185,7 @@ def prune_step(
     allocation: str = "uniform",
     max_layer_sparsity: float = 0.99,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    num_samples: int = 1024,
+    num_samples: int | None = None,
     damping: float | None = None,
     layers: LayerSpec = None,
     seed: int = 0,
@@ -293,6 +209,9 @@ def prune_step(
     method_cls = _method_class(method)
     if "unstructured" not in method_cls.structures:
         raise BrainsurgeonError(f"method {method!r} removes whole units: use structure='channel'")
+    if opts.allocation == "owl" and "owl" not in getattr(method_cls, "allocations", ()):
+        owl = sorted(n for n, c in _all_methods().items() if "owl" in getattr(c, "allocations", ()))
+        raise BrainsurgeonError(f"allocation='owl' needs a layer-wise method ({', '.join(owl)}); {method!r} is not one")
     if opts.structure.is_nm and not method_cls.supports_nm:
         nm_methods = sorted(n for n, c in _all_methods().items() if c.supports_nm)
         raise BrainsurgeonError(
@@ -310,6 +229,10 @@ def prune_step(
     ctx = working_context(model, data, opts, layers, loss_fn, progress)
     work, targets, calib = ctx.model, ctx.targets, ctx.calib
     algo.validate(ctx)
+    # several ranks: the same options and weights everywhere, before any work (distributed.py)
+    settings = {k: str(v) for k, v in vars(opts).items() if k != "device"}  # ranks may use different GPUs
+    settings["calibration samples"] = str(calib.num_samples)  # equal shards: the issue's "same num_samples"
+    check_setup(work, {**settings, **{f"method.{k}": repr(v) for k, v in algo.options().items()}})
 
     # 3. Prune. Global RNG state is forked so the user's generator is not advanced.
     with torch.random.fork_rng(devices=[] if opts.device.type == "cpu" else [opts.device]):
@@ -372,3 +295,14 @@ def _all_methods():
 
     _load_builtin()
     return dict(_REGISTRY)
+
+
+def __getattr__(name: str):
+    """``engine.prune`` moved to :func:`brainsurgeon.api.prune` (the entry point dispatches down into
+    schedules, structured and the HF path; engine does not import them). This lazy alias keeps
+    callers that still import it from engine working until they import ``brainsurgeon.api``."""
+    if name == "prune":
+        from .api import prune
+
+        return prune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

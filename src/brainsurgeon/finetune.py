@@ -1,4 +1,4 @@
-"""Fine-tuning that holds the pruning masks (step 3 of the classic pipeline, ALGORITHMS.md section 1).
+"""Fine-tuning that holds the pruning masks (step 3 of the classic pipeline, docs/methods.md).
 
 Masks are applied through :mod:`torch.nn.utils.parametrize` (as ``torch.ao.pruning`` does): the layer's
 ``weight`` becomes ``original * mask``, so the loss never sees a pruned weight and its gradient
@@ -7,9 +7,10 @@ step, so neither momentum nor (decoupled) weight decay can move it. At the end t
 removed (squashed) and the returned model is a plain model of the same architecture whose pruned
 weights are exactly zero.
 
-Validation runs at every epoch end (given validation data, or a seeded split of the training data);
-the best state by validation loss (or accuracy) is kept and returned, and the history is attached to
-the result.
+Validation runs before the first step and at every epoch end (given validation data, or a seeded
+split of the training data); the best of those states by validation loss (or accuracy), the pruned
+model before fine-tuning included, is kept and returned, and the history is attached to the result
+(``history["initial"]``: the validation metrics before fine-tuning).
 """
 from __future__ import annotations
 
@@ -270,6 +271,13 @@ def train_masked(
         g = torch.Generator().manual_seed(seed)
         per_epoch = ft.steps_per_epoch
         best_state, best_score = None, -math.inf
+        if val is not None and ft.select != "last":
+            # the pruned model before any step is a candidate too: fine-tuning must never return worse
+            metrics = evaluate(model, val, loss_fn=ft.loss_fn, device=device)
+            start = {"step": 0, "epoch": 0.0, "val_loss": metrics["loss"], "val_accuracy": metrics["accuracy"]}
+            best_score = _score(metrics, ft.select)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            history["initial"] = history["best"] = start
         step, perm, pos = 0, torch.randperm(len(x), generator=g), 0
         running, seen = 0.0, 0
         steps_iter = track(range(num_steps), phase, progress_enabled(ft.progress), total=num_steps)

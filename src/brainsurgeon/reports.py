@@ -134,9 +134,14 @@ def run_markdown(report: dict, plots: dict[str, str]) -> str:
     if ev:
         lines += [f"Test accuracy ({ev['split']}, {ev['samples']} samples): {_fmt(ev['accuracy_before'], True)} dense -> "
                   f"{_fmt(ev['accuracy_after'], True)} pruned; loss {ev['loss_before']:.4f} -> {ev['loss_after']:.4f}.", ""]
-    lines += [f"Sparsity: target {_fmt(o['target_sparsity'])}, achieved {_fmt(o['achieved_sparsity'])} "
-              f"({o['zeros']} of {o['numel']} weights). Allocation: {report['options']['allocation']}, "
-              f"structure: {report['options']['structure']}.", ""]
+    if report["options"]["structure"] == "channel":
+        lines += [f"Units removed: target {_fmt(o['target_sparsity'])}, achieved {_fmt(o['achieved_sparsity'])} "
+                  f"({o['removed_units']} of {o['units']} units). Allocation: {report['options']['allocation']}, "
+                  "structure: channel.", ""]
+    else:
+        lines += [f"Sparsity: target {_fmt(o['target_sparsity'])}, achieved {_fmt(o['achieved_sparsity'])} "
+                  f"({o['zeros']} of {o['numel']} weights). Allocation: {report['options']['allocation']}, "
+                  f"structure: {report['options']['structure']}.", ""]
     sched = report.get("schedule")
     if sched:
         lines += [f"Schedule: {sched['name']} ({sched['spacing']}), {sched['rounds']} round(s)"
@@ -152,9 +157,14 @@ def run_markdown(report: dict, plots: dict[str, str]) -> str:
         f = report["finetune"]
         lines += [f"Fine-tuning: {f['optimizer']} lr {f['lr']}, {f['epochs']} epoch(s) in all ({f['total_steps']} steps), "
                   f"validation: {f['validation']}, best state by {f['select']}.", ""]
-    lines += ["| layer | shape | target | achieved |", "|---|---|---|---|"]
-    for name, lr in report["layers"].items():
-        lines.append(f"| {name} | {'x'.join(map(str, lr['shape']))} | {_fmt(lr.get('target_sparsity'))} | {_fmt(lr['achieved_sparsity'])} |")
+    if report["options"]["structure"] == "channel":
+        lines += ["| layer | shape before | shape after |", "|---|---|---|"]
+        for name, lr in report["layers"].items():
+            lines.append(f"| {name} | {'x'.join(map(str, lr['shape_before']))} | {'x'.join(map(str, lr['shape_after']))} |")
+    else:
+        lines += ["| layer | shape | target | achieved |", "|---|---|---|---|"]
+        for name, lr in report["layers"].items():
+            lines.append(f"| {name} | {'x'.join(map(str, lr['shape']))} | {_fmt(lr.get('target_sparsity'))} | {_fmt(lr['achieved_sparsity'])} |")
     fb = report.get("numerics", {}).get("fallbacks") or []
     if fb:
         lines += ["", "Numerical fallbacks:", ""] + [f"- {x}" for x in fb]
@@ -169,7 +179,9 @@ def write_run_report(report: dict, out) -> dict[str, str]:
     """``report.json``, ``report.md`` and the plots of one run into ``out``; returns the plot paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {"layer sparsity": plot_layer_sparsity(report, out / "layer_sparsity.png").name}
+    plots = {}
+    if report["options"]["structure"] != "channel":  # a structured run's layers change shape: its table says it
+        plots["layer sparsity"] = plot_layer_sparsity(report, out / "layer_sparsity.png").name
     if report.get("rounds") and len(report["rounds"]) > 1:
         plots["rounds"] = plot_rounds(report, out / "rounds.png").name
     if report.get("sensitivity"):
@@ -237,14 +249,17 @@ def compare_methods(model, ds, methods, sparsities, *, finetune=None, num_sample
                     emit(dict(base, variant="fine-tuned", error=str(e)))
                 continue
             prune_s = time.perf_counter() - t0
-            m = evaluate(res.model, ds.test)
+            device = prune_options.get("device", "cpu")
+            m = evaluate(res.model, ds.test, device=device)
             common = {"achieved_sparsity": res.report["overall"]["achieved_sparsity"],
                       "fallbacks": res.report["numerics"]["fallbacks"]}
             emit(dict(base, accuracy=m["accuracy"], loss=m["loss"], seconds=prune_s, **common))
             if finetune is not None:
                 t1 = time.perf_counter()
-                tuned = finetune_model(res.model, masks=res.masks, config=finetune)
-                m = evaluate(tuned, ds.test)
+                # a compact structured model has other shapes than its masks: hold its exact zeros instead
+                masks = None if prune_options.get("structure") == "channel" else res.masks
+                tuned = finetune_model(res.model, masks=masks, config=finetune)
+                m = evaluate(tuned, ds.test, device=device)
                 emit(dict(base, variant="fine-tuned", accuracy=m["accuracy"], loss=m["loss"],
                           seconds=prune_s + time.perf_counter() - t1, **common))
     return results

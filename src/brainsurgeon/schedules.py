@@ -1,4 +1,4 @@
-"""Pruning schedules (ALGORITHMS.md section 6): one-shot, iterative and gradual, with fine-tuning between rounds.
+"""Pruning schedules (docs/methods.md, "Schedules"): one-shot, iterative and gradual, with fine-tuning between rounds.
 
 * ``oneshot``: one round to the target ``s_f`` (then fine-tune once, if asked).
 * ``iterative``: ``steps`` rounds of "prune to s_k, fine-tune". Targets are *geometric* by default:
@@ -263,10 +263,16 @@ def run_schedule(
         sens_report = {**sens.to_dict(), "allocation": final_alloc, "seconds": time.perf_counter() - t_sens}
     numel = {t.name: t.weight.numel() for t in find_targets(model, layers)}
 
+    from .progress import progress_enabled, stage
+
+    if resume:
+        stage(f"resuming after round {start}/{rounds} (from the checkpoint)", progress_enabled(progress))
     res = None
     for k in range(start, rounds):
         if round_hook is not None:
             round_hook(k + 1, current)
+        stage(f"round {k + 1}/{rounds}: {method} to sparsity {targets_s[k]:.4f}"
+              + (f", then {budget[k]} fine-tuning steps" if budget[k] else ""), progress_enabled(progress))
         t0 = time.perf_counter()
         layer_s = None
         if final_alloc is not None:
@@ -283,7 +289,7 @@ def run_schedule(
         }
         if budget[k] > 0:
             t1 = time.perf_counter()
-            entry["finetune"] = train_masked(current, masks, finetune, budget[k], finetune.seed + k, f"fine-tuning round {k + 1}")
+            entry["finetune"] = train_masked(current, masks, finetune, budget[k], finetune.seed + k, f"fine-tuning round {k + 1}/{rounds}")
             entry["finetune_seconds"] = time.perf_counter() - t1
         history.append(entry)
         if checkpoint is not None:

@@ -6,6 +6,7 @@ exits with code 2, like a usage error; anything else is a bug and keeps its trac
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import BrainsurgeonError
-from . import app
+from . import app, cli_message
 
 EXIT_BAD_INPUT = 2
 
@@ -27,12 +28,14 @@ EXIT_BAD_INPUT = 2
 def _handle_errors(fn: Callable) -> Callable:
     """Turn bad input into a one-line message and exit code 2 (no traceback)."""
 
+    options = list(inspect.signature(fn).parameters)  # the engine's structure='channel' -> --structure channel
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except BrainsurgeonError as e:
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {cli_message(str(e), options)}", err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
@@ -80,10 +83,18 @@ def _factory_spec(factory: str | None, factory_kwargs: str | None) -> dict | Non
 
 
 def _load(model_path: Path, factory: str | None, factory_kwargs: str | None):
+    """The model of ``--model``: the file's spec is data; code runs only for a ``--factory`` the user names.
+
+    A user-named factory is imported with the current directory on ``sys.path`` (as ``python -m``
+    does), so ``--factory mymodel:make`` finds ``./mymodel.py``; a file's spec never gets that.
+    """
     from ..io import load_model
 
     spec = _factory_spec(factory, factory_kwargs)
-    model = load_model(model_path, spec)
+    if spec is not None and "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    kwargs = spec["kwargs"] if spec is not None and factory_kwargs is not None else None
+    model = load_model(model_path, factory=factory, factory_kwargs=kwargs)
     return model, model.brainsurgeon_spec
 
 
@@ -92,28 +103,19 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _check_out_file(out: Path, force: bool, inputs: list[Path]) -> None:
-    """An output file may replace an existing one only with ``--force``, and never an input."""
-    for p in inputs:
-        if _same_file(out, p):
-            raise BrainsurgeonError(f"--out {out} is an input file; write the result elsewhere")
-    if out.exists() and not force:
-        raise BrainsurgeonError(f"{out} exists; pass --force to overwrite it")
-    if out.exists() and out.is_dir():
-        raise BrainsurgeonError(f"{out} is a directory; --out must name a file")
+    """An output file may replace an existing one only with ``--force``, and never an input; its
+    directory must be writable (checked before any work)."""
+    from ..outputs import check_output
+
+    check_output(out, force=force, inputs=inputs)
 
 
 def _check_out_dir(out: Path, force: bool, outputs: list[str], inputs: list[Path]) -> None:
-    """``--out DIR``: refused if it exists (unless ``--force``), is a file, or would overwrite an input."""
-    if out.exists() and not out.is_dir():
-        raise BrainsurgeonError(f"--out {out} is a file; it must be a directory (it will be created)")
-    if out.exists() and not force:
-        raise BrainsurgeonError(f"--out {out} exists; pass --force to write into it")
-    for name in outputs:
-        for p in inputs:
-            if _same_file(out / name, p):
-                raise BrainsurgeonError(
-                    f"--out {out} would overwrite the input {p} with {name}; choose another directory"
-                )
+    """``--out DIR``: refused if it is non-empty (unless ``--force``), is a file, would overwrite an
+    input, or cannot be written (checked before any work)."""
+    from ..outputs import check_output
+
+    check_output(out, force=force, inputs=inputs, outputs=outputs)
 
 
 def _console(quiet: bool = False) -> Console:
@@ -185,7 +187,10 @@ def train_cmd(
         progress=progress_enabled(None) and not quiet,
     )
     metrics = evaluate(model, ds.test, device=device)
-    save_weights(model.cpu(), out, spec, extra={"brainsurgeon.test_accuracy": metrics["accuracy"]})
+    from ..outputs import reported_writes
+
+    with reported_writes(out):
+        save_weights(model.cpu(), out, spec, extra={"brainsurgeon.test_accuracy": metrics["accuracy"]})
     typer.echo(
         f"{arch} on {ds.name}: test accuracy {_fmt_acc(metrics['accuracy'])}, loss {metrics['loss']:.4f} "
         f"({metrics['samples']} samples); wrote {out}"
@@ -198,10 +203,16 @@ def train_cmd(
 @app.command("prune")
 @_handle_errors
 def prune_cmd(
-    model: Annotated[Path, typer.Option("--model", help="weights (.safetensors with spec, or with --factory any torch file)")],
-    data: Annotated[str, typer.Option(help="calibration data: digits, fashion-mnist, or a .npz/.safetensors file")],
     method: Annotated[str, typer.Option(help="a registered method (see `brainsurgeon methods`)")],
     out: Annotated[Path, typer.Option("--out", help="output directory: model.safetensors and report.json")],
+    model: Annotated[Optional[Path], typer.Option("--model", help="weights (.safetensors with spec, or with --factory any torch file)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="calibration data: digits, fashion-mnist, or a .npz/.safetensors file")] = None,
+    hf: Annotated[Optional[Path], typer.Option("--hf", help="a saved transformers causal LM directory (instead of --model/--data; needs --text)")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="with --hf: calibration text (UTF-8); its last --holdout part is held back for evaluation")] = None,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval-text", help="with --hf: evaluation text (then all of --text calibrates)")] = None,
+    seq_len: Annotated[int, typer.Option(help="with --hf: tokens per calibration/evaluation window")] = 512,
+    eval_windows: Annotated[int, typer.Option(help="with --hf: windows of the evaluation text for the perplexity")] = 40,
+    holdout: Annotated[float, typer.Option(help="with --hf and no --eval-text: fraction of the text held back")] = 0.1,
     sparsity: Annotated[Optional[float], typer.Option(help="fraction of weights to remove, in [0, 1)")] = None,
     factory: Annotated[Optional[str], typer.Option(help="package.module:function that builds the model")] = None,
     factory_kwargs: Annotated[Optional[str], typer.Option(help="JSON object of the factory's keyword arguments")] = None,
@@ -212,7 +223,7 @@ def prune_cmd(
     recalibrate_bn: Annotated[str, typer.Option(help="with --structure channel: re-estimate BatchNorm statistics on the calibration data: auto (where that lowers the calibration loss), yes or no")] = "auto",
     allocation: Annotated[str, typer.Option(help="uniform or global")] = "uniform",
     max_layer_sparsity: Annotated[float, typer.Option(help="cap per layer under global allocation")] = 0.99,
-    num_samples: Annotated[int, typer.Option(help="calibration samples (from the training split)")] = 1024,
+    num_samples: Annotated[Optional[int], typer.Option(help="calibration samples (from the training split; default 1024), or with --hf token windows (default 128)")] = None,
     damping: Annotated[Optional[float], typer.Option(help="relative damping of curvature inverses")] = None,
     include: Annotated[Optional[list[str]], typer.Option(help="layer name pattern to prune (repeatable)")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="layer name pattern to leave dense (repeatable)")] = None,
@@ -235,6 +246,15 @@ def prune_cmd(
     layers = None
     if include or exclude:
         layers = {"include": list(include or []), "exclude": list(exclude or [])}
+    if hf is not None:  # a transformers model calibrated on text: cli/hf.py
+        return _prune_hf(hf, text, eval_text, method, sparsity, out, structure, allocation, max_layer_sparsity,
+                         num_samples, seq_len, eval_windows, holdout, damping, layers, method_options, seed, device,
+                         force, quiet, compact)
+    if text is not None or eval_text is not None:
+        raise BrainsurgeonError("--text and --eval-text are for a transformers model: give --hf DIR with them")
+    if model is None or data is None:
+        raise BrainsurgeonError("give --model FILE and --data NAME (or --hf DIR --text FILE for a transformers model)")
+    num_samples = 1024 if num_samples is None else num_samples
     inputs = [model] + ([Path(data)] if Path(data).suffix in (".npz", ".safetensors") else [])
     _check_out_dir(out, force, ["model.safetensors", "report.json"], inputs)
     if not model.exists():
@@ -262,13 +282,38 @@ def prune_cmd(
         "loss_before": before["loss"],
         "loss_after": after["loss"],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    # a compact (structured) model carries the spec of its smaller layers
-    save_weights(res.model.cpu(), out / "model.safetensors", getattr(res.model, "brainsurgeon_spec", spec),
-                 extra={"brainsurgeon.method": method})
-    write_json(out / "report.json", report)
+    from ..outputs import staged_dir
+
+    with staged_dir(out) as tmp:  # all of it written beside --out first, then renamed into place
+        # a compact (structured) model carries the spec of its smaller layers
+        save_weights(res.model.cpu(), tmp / "model.safetensors", getattr(res.model, "brainsurgeon_spec", spec),
+                     extra={"brainsurgeon.method": method})
+        write_json(tmp / "report.json", report)
     if not quiet:
         _print_prune_summary(report, out)
+
+
+def _prune_hf(hf, text, eval_text, method, sparsity, out, structure, allocation, max_layer_sparsity, num_samples,
+              seq_len, eval_windows, holdout, damping, layers, method_options, seed, device, force, quiet,
+              compact) -> None:
+    from .hf import prune_hf
+
+    if structure == "channel":
+        method_options = {**method_options, "compact": compact}
+
+    report = prune_hf(
+        hf_dir=hf, text=text, eval_text=eval_text, method=method, sparsity=sparsity, out=out, structure=structure,
+        allocation=allocation, max_layer_sparsity=max_layer_sparsity, num_samples=128 if num_samples is None else num_samples,
+        seq_len=seq_len, eval_windows=eval_windows, holdout=holdout, damping=damping, layers=layers,
+        method_options=method_options, seed=seed, device=device, force=force,
+    )
+    if not quiet:
+        ov, ev = report["overall"], report["evaluation"]
+        typer.echo(
+            f"{method}: sparsity {_fmt_sparsity(ov['achieved_sparsity'])} of {ov['numel']} weights; perplexity "
+            f"{ev['perplexity_before']:.3f} -> {ev['perplexity_after']:.3f} ({ev['windows']} windows of {ev['seq_len']} "
+            f"tokens, {ev['text']}); wrote {out}"
+        )
 
 
 def _recalibrate_choice(value: str) -> bool | str:
@@ -280,12 +325,13 @@ def _recalibrate_choice(value: str) -> bool | str:
 
 def _print_prune_summary(report: dict, out: Path) -> None:
     ov, ev = report["overall"], report["evaluation"]
-    table = Table(title=f"{report['method']} at {report['options']['structure']} / {report['options']['allocation']}")
+    # EigenDamage's report has no allocation key: it always allocates globally
+    table = Table(title=f"{report['method']} at {report['options']['structure']} / {report['options'].get('allocation', 'global')}")
     table.add_column("layer")
     table.add_column("weights", justify="right")
     table.add_column("target sparsity", justify="right")
     table.add_column("achieved sparsity", justify="right")
-    if report["options"]["structure"] == "channel":
+    if report["options"]["structure"] in ("channel", "eigenbasis"):
         _structured_rows(table, report)
     else:
         for name, rep in report["layers"].items():
@@ -307,6 +353,10 @@ def _structured_rows(table: Table, report: dict) -> None:
     table.columns[1].header, table.columns[2].header, table.columns[3].header = "units", "removed", "units after"
     for name, g in report.get("groups", {}).items():
         table.add_row(name, str(g["units_before"]), str(g["removed"]), str(g["units_after"]) + (" (capped)" if g["capped"] else ""))
+    if report["options"]["structure"] == "eigenbasis":  # EigenDamage: layers replaced by eigenbasis forms
+        table.columns[1].header, table.columns[2].header, table.columns[3].header = "weights", "form", "weights after"
+        for name, lr in report["layers"].items():
+            table.add_row(name, str(lr["weights_before"]), lr["form"], str(lr["weights_after"]))
     cost = report.get("cost")
     if cost:
         table.add_section()
@@ -323,8 +373,12 @@ def _structured_rows(table: Table, report: dict) -> None:
 @app.command("evaluate")
 @_handle_errors
 def evaluate_cmd(
-    model: Annotated[Path, typer.Option("--model", help="weights (.safetensors with spec, or with --factory any torch file)")],
+    model: Annotated[Optional[Path], typer.Option("--model", help="weights (.safetensors with spec, or with --factory any torch file)")] = None,
     data: Annotated[str, typer.Option(help="digits, fashion-mnist, or a .npz/.safetensors file")] = "digits",
+    hf: Annotated[Optional[Path], typer.Option("--hf", help="a saved transformers causal LM directory (instead of --model; needs --text)")] = None,
+    text: Annotated[Optional[Path], typer.Option("--text", help="with --hf: the text whose perplexity is measured (UTF-8)")] = None,
+    seq_len: Annotated[int, typer.Option(help="with --hf: tokens per window")] = 512,
+    eval_windows: Annotated[int, typer.Option(help="with --hf: at most this many windows, from the start of the text")] = 40,
     factory: Annotated[Optional[str], typer.Option(help="package.module:function that builds the model")] = None,
     factory_kwargs: Annotated[Optional[str], typer.Option(help="JSON object of the factory's keyword arguments")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="directory of the Fashion-MNIST idx files")] = None,
@@ -336,6 +390,12 @@ def evaluate_cmd(
     from ..evaluate import evaluate
     from ..targets import find_targets
 
+    if hf is not None:  # a transformers model: perplexity on text (cli/hf.py)
+        return _evaluate_hf(hf, text, seq_len, eval_windows, device, as_json)
+    if text is not None:
+        raise BrainsurgeonError("--text is for a transformers model: give --hf DIR with it")
+    if model is None:
+        raise BrainsurgeonError("give --model FILE (or --hf DIR --text FILE for a transformers model)")
     net, _ = _load(model, factory, factory_kwargs)
     ds = load_dataset(data, data_dir)
     metrics = evaluate(net, ds.test, device=device)
@@ -348,4 +408,17 @@ def evaluate_cmd(
     typer.echo(
         f"{ds.name} test: accuracy {_fmt_acc(metrics['accuracy'])}, loss {metrics['loss']:.4f} "
         f"({metrics['samples']} samples); prunable weights {100 * metrics['sparsity']:.2f}% zero"
+    )
+
+
+def _evaluate_hf(hf, text, seq_len, eval_windows, device, as_json) -> None:
+    from .hf import evaluate_hf
+
+    metrics = evaluate_hf(hf_dir=hf, text=text, seq_len=seq_len, eval_windows=eval_windows, device=device)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    typer.echo(
+        f"{text}: perplexity {metrics['perplexity']:.4f} ({metrics['windows']} windows of {seq_len} tokens); "
+        f"block linears {100 * metrics['sparsity']:.2f}% zero"
     )

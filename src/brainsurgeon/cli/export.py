@@ -9,6 +9,7 @@ import torch
 import typer
 
 from ..errors import BrainsurgeonError
+from ..outputs import check_output, reported_writes
 from . import app
 from .core import _handle_errors
 
@@ -45,7 +46,7 @@ def _human(n: int) -> str:
 @app.command("export")
 @_handle_errors
 def export(
-    model: Annotated[Path, typer.Option("--model", help="weights (.safetensors with an architecture spec, or a brainsurgeon sparse file)")],
+    model: Annotated[Path, typer.Option("--model", help="weights (.safetensors with an architecture spec, or a brainsurgeon sparse file), or a Hugging Face directory")],
     out: Annotated[Path, typer.Option("--out", help="file to write")],
     format: Annotated[str, typer.Option("--format", help="sparse | dense | onnx")] = "sparse",
     force: Annotated[bool, typer.Option("--force", help="overwrite --out if it exists")] = False,
@@ -58,26 +59,31 @@ def export(
 
     if format not in EXPORT_FORMATS:
         raise BrainsurgeonError(f"--format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    if out.exists() and not force:
-        raise BrainsurgeonError(f"{out} exists; pass --force to overwrite it")
-    if out.resolve() == model.resolve():
-        raise BrainsurgeonError("--out must differ from --model (the input file is never overwritten)")
     if batch_size < 1:
         raise BrainsurgeonError(f"--batch-size must be >= 1, got {batch_size}")
+    if model.is_dir():  # a Hugging Face directory (sparse, from bs.save, or plain save_pretrained)
+        from ..sparse.hf_dir import export_directory
+
+        report, lines = export_directory(model, out, format, force)
+        typer.echo(json.dumps(report, indent=2, default=str) if json_out else "\n".join(lines))
+        return
+    check_output(out, force=force, inputs=[model])  # never the input; writable; --force to replace
     net = sparse.load(model)
     if format == "onnx":
         from ..sparse.onnx import export_onnx
 
         shape = _input_shape(net, input_shape)
         x = torch.rand(batch_size, *shape, generator=torch.Generator().manual_seed(0))
-        report = export_onnx(net, out, x)
+        with reported_writes(out):
+            report = export_onnx(net, out, x)
         lines = [f"wrote {out} (ONNX opset {report['opset']}, {_human(report['bytes'])})",
                  f"onnxruntime matches PyTorch: max |diff| {report['max_abs_diff']:.2e} "
                  f"({report['max_rel_diff']:.1e} of the largest output)",
                  f"latency at batch {batch_size}: PyTorch {report['torch_ms']:.3f} ms, "
                  f"onnxruntime {report['onnxruntime_ms']:.3f} ms (medians)"]
     else:
-        report = sparse.save(net, out, format=format)
+        with reported_writes(out):
+            report = sparse.save(net, out, format=format)
         counts: dict[str, int] = {}
         for enc in report["encodings"].values():
             counts[enc] = counts.get(enc, 0) + 1

@@ -8,7 +8,15 @@ import typer
 
 from ..errors import BrainsurgeonError
 from . import app
+from . import cli_message as _cli_message
 from .core import _check_out_dir, _console, _handle_errors, _load
+
+# the compare options an engine message may name in Python spelling (structure='channel')
+COMPARE_OPTIONS = ("structure", "allocation", "device", "num_samples", "seed", "finetune_epochs", "finetune_lr")
+
+
+def cli_message(text: str) -> str:
+    return _cli_message(text, COMPARE_OPTIONS)
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -26,18 +34,21 @@ def _floats(text: str, what: str) -> list[float]:
 def run_cmd(
     recipe: Annotated[Path, typer.Argument(help="the recipe (YAML)")],
     resume: Annotated[bool, typer.Option(help="continue from the last completed round of an interrupted run")] = False,
-    quiet: Annotated[bool, typer.Option(help="no progress bars and no summary")] = False,
+    force: Annotated[bool, typer.Option(help="write into the recipe's output directory even if it is not empty")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress and no summary")] = False,
+    allow_factory: Annotated[bool, typer.Option(help="let the recipe's model.factory import and run the code it names")] = False,
 ) -> None:
     """Run a recipe: prune (schedule, fine-tuning), checkpoint every round, write model, report and plots."""
     from ..recipe import load_recipe, run_recipe
 
-    rec = load_recipe(recipe)
-    report = run_recipe(rec, resume=resume, progress=False if quiet else None)
+    rec = load_recipe(recipe, allow_factory=allow_factory)
+    report = run_recipe(rec, resume=resume, force=force, progress=False if quiet else None)
     if not quiet:
         ev = report["evaluation"]
         _console().print(
             f"{report['method']}: sparsity {report['overall']['achieved_sparsity']:.4f}, test accuracy "
-            f"{100 * ev['accuracy_before']:.2f}% -> {100 * ev['accuracy_after']:.2f}%; wrote {rec.output}/report.md"
+            f"{100 * ev['accuracy_before']:.2f}% -> {100 * ev['accuracy_after']:.2f}%; wrote {rec.output}/report.md",
+            soft_wrap=True,  # a path is never broken across lines
         )
 
 
@@ -52,18 +63,23 @@ def compare_cmd(
     factory: Annotated[Optional[str], typer.Option(help="package.module:function that builds the model")] = None,
     factory_kwargs: Annotated[Optional[str], typer.Option(help="JSON object of the factory's keyword arguments")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="directory of the Fashion-MNIST idx files")] = None,
-    finetune_epochs: Annotated[float, typer.Option(help="also fine-tune each cell for this many epochs (0: one-shot only)")] = 0.0,
+    finetune_epochs: Annotated[float, typer.Option(min=0.0, help="also fine-tune each cell for this many epochs (0: one-shot only)")] = 0.0,
     finetune_lr: Annotated[float, typer.Option(help="fine-tuning learning rate")] = 1e-3,
+    structure: Annotated[str, typer.Option(help="unstructured, N:M (e.g. 2:4), or channel (whole units)")] = "unstructured",
     allocation: Annotated[str, typer.Option(help="uniform, global or sensitivity")] = "uniform",
     num_samples: Annotated[int, typer.Option(help="calibration samples")] = 1024,
     seed: int = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
     force: Annotated[bool, typer.Option(help="write into --out even if it exists")] = False,
-    quiet: Annotated[bool, typer.Option(help="no table")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress and no table")] = False,
 ) -> None:
-    """Compare methods at several sparsities: a table (report.md) and a plot of accuracy against sparsity."""
+    """Compare methods at several sparsities: a table (report.md) and a plot of accuracy against sparsity.
+
+    Exits 2 when every cell was refused (nothing was compared)."""
     from ..data import load_dataset
     from ..evaluate import evaluate
     from ..finetune import FineTune
+    from ..outputs import staged_dir
     from ..registry import methods as registered
     from ..reports import compare_methods, write_comparison
 
@@ -72,23 +88,35 @@ def compare_cmd(
     if not names or unknown:
         raise BrainsurgeonError(f"--methods: unknown {unknown or names}; registered: {', '.join(registered())}")
     levels = _floats(sparsities, "--sparsities")
-    _check_out_dir(out, force, ["report.json", "report.md"], [model])
+    inputs = [model] + ([Path(data)] if Path(data).suffix in (".npz", ".safetensors") else [])
+    _check_out_dir(out, force, ["report.json", "report.md", "accuracy_vs_sparsity.png"], inputs)
     if not model.exists():
         raise BrainsurgeonError(f"--model {model} does not exist")
     net, _ = _load(model, factory, factory_kwargs)
     ds = load_dataset(data, data_dir)
-    ft = FineTune(ds.train, epochs=finetune_epochs, lr=finetune_lr, seed=seed) if finetune_epochs > 0 else None
-    dense = evaluate(net, ds.test)
+    ft = None
+    if finetune_epochs > 0:
+        ft = FineTune(ds.train, epochs=finetune_epochs, lr=finetune_lr, seed=seed, device=device,
+                      progress=False if quiet else None)
+    dense = evaluate(net, ds.test, device=device)
     console = _console(quiet)
     results = compare_methods(
         net, ds, names, levels, finetune=ft, num_samples=num_samples, seed=seed, allocation=allocation,
-        progress=False if quiet else None,
+        structure=structure, device=device, progress=False if quiet else None,
         on_result=lambda c: console.print(
             f"{c['method']} {c['variant'] or ''} {c['sparsity']:g}: "
-            + (f"refused ({c['error']})" if c.get("error") else f"{100 * c['accuracy']:.2f}%")
+            + (f"refused ({cli_message(c['error'])})" if c.get("error") else f"{100 * c['accuracy']:.2f}%")
         ),
     )
+    if all(c.get("error") for c in results):
+        first = results[0]
+        raise BrainsurgeonError(
+            f"every cell was refused, nothing to compare; e.g. {first['method']} at {first['sparsity']:g}: "
+            f"{cli_message(first['error'])}"
+        )
     title = f"{model.name} on {ds.name}: test accuracy after pruning"
-    write_comparison(out, title, results, levels, {"accuracy": dense["accuracy"], "loss": dense["loss"]},
-                     {"finetune": None if ft is None else ft.options(), "allocation": allocation})
-    console.print(f"wrote {out / 'report.md'} and {out / 'accuracy_vs_sparsity.png'}")
+    with staged_dir(out) as tmp:  # all of it written beside --out first, then renamed into place
+        write_comparison(tmp, title, results, levels, {"accuracy": dense["accuracy"], "loss": dense["loss"]},
+                         {"finetune": None if ft is None else ft.options(), "allocation": allocation,
+                          "structure": structure, "device": device})
+    console.print(f"wrote {out / 'report.md'} and {out / 'accuracy_vs_sparsity.png'}", soft_wrap=True)

@@ -23,11 +23,14 @@ from typing import Callable, ClassVar, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import grad
 
 from ..errors import BrainsurgeonError
 from ..targets import Target
-from .per_sample import _is_cross_entropy, _per_sample_loss, check_curvature, output_hessian_sqrt
+from .per_sample import (
+    PerSampleVectors, _is_cross_entropy, _per_sample_loss, check_curvature, map_samples, output_hessian_sqrt,
+)
+from .sequence import can_sample_targets, sequence_signals, uses_sequence_signals
 
 Tracker = Callable[[Iterable, str, int], Iterable]
 
@@ -37,6 +40,17 @@ def _no_track(iterable, description, total=None):
 
 
 # ----------------------------------------------------------------------------- hooks
+class _Captured(dict):
+    """Per-layer captures; a layer the forward pass never called is a clear error, not a KeyError."""
+
+    def __missing__(self, name: str):
+        raise BrainsurgeonError(
+            f"layer {name!r} is not called as a module in the forward pass (its weight is used directly, as "
+            "nn.MultiheadAttention does with out_proj), so its inputs cannot be captured; exclude it with "
+            f"layers={{'exclude': [{name!r}]}} or use a method that takes per-sample gradients (obd, obs, woodfisher)"
+        )
+
+
 class LayerTaps:
     """Forward hooks that keep each target layer's input and output during one forward pass.
 
@@ -46,9 +60,21 @@ class LayerTaps:
     """
 
     def __init__(self, targets: list[Target]):
+        for t in targets:
+            if t.attr != "weight":  # e.g. MultiheadAttention.in_proj_weight: no layer output to tap
+                raise BrainsurgeonError(
+                    f"{t.name} is not a layer with its own input and output, which this method needs; exclude it "
+                    f"with layers={{'exclude': [{t.name!r}]}} or use obd, obs, woodfisher, sparsegpt, obc or wanda"
+                )
+            if t.tied_layers:  # one tap sees one use of the tensor; its other uses would be silently left out
+                raise BrainsurgeonError(
+                    f"the weight of {t.name!r} is tied to {', '.join(t.tied)}; this method's per-layer statistics "
+                    f"assume one use per weight: exclude it with layers={{'exclude': [{t.name!r}]}} or use obd, obs, "
+                    "woodfisher, sparsegpt, obc or wanda"
+                )
         self.targets = targets
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = _Captured()
+        self.outputs: dict[str, torch.Tensor] = _Captured()
         self._handles: list = []
 
     def _hook(self, name: str):
@@ -87,7 +113,11 @@ class LayerTaps:
 
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's inputs as (B, T, d_in): T positions (1 for a plain Linear), d_in = in (Linear) or
-    C_in * kh * kw (Conv2d patches, channel-major like ``weight.reshape(out, -1)``)."""
+    C_in * kh * kw (Conv2d patches, channel-major like ``weight.reshape(out, -1)``; Conv1d: C_in * k)."""
+    if isinstance(module, nn.Conv1d):
+        if x.dim() != 3:
+            raise BrainsurgeonError(f"Conv1d inputs must be batched (B, C, L), got shape {tuple(x.shape)}")
+        return conv1d_patches(module, x)
     if isinstance(module, nn.Conv2d):
         if x.dim() != 4:
             raise BrainsurgeonError(f"Conv2d inputs must be batched (B, C, H, W), got shape {tuple(x.shape)}")
@@ -100,9 +130,21 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def conv1d_patches(module: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """(B, L_out, C_in * k) patches of a Conv1d's (B, C_in, L) input, channel-major like
+    ``weight.reshape(out, -1)``: the 1-D convolution unfolded as a 2-D one of height 1."""
+    pad = module._reversed_padding_repeated_twice  # the padding the conv itself applies, any mode
+    if any(pad):
+        x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    patches = F.unfold(
+        x.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]), stride=(1, module.stride[0])
+    )
+    return patches.transpose(1, 2)
+
+
 def layer_output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """dr/dz as (B, T, out), positions in the same order as :func:`layer_inputs`."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
@@ -116,7 +158,7 @@ def sample_labels(out: torch.Tensor, generator: torch.Generator | None) -> torch
 
 
 def backprop_signals(
-    loss_fn, out: torch.Tensor, y: torch.Tensor, kind: str, generator: torch.Generator | None
+    loss_fn, out: torch.Tensor, y: torch.Tensor, kind: str, generator: torch.Generator | None, note=None
 ) -> torch.Tensor:
     """(K, *out.shape): the vectors back-propagated from the outputs, one backward pass each.
 
@@ -125,18 +167,20 @@ def backprop_signals(
     sampled from the model (the per-sample loss, not the batch mean: no 1/B).
     """
     out = out.detach()
+    if uses_sequence_signals(loss_fn, out):  # (B, L, C) outputs or a TokenView loss: loops, no vmap
+        return sequence_signals(loss_fn, out, y, kind, generator)
     if kind == "ggn":
-        m = output_hessian_sqrt(loss_fn, out, y)  # (B, C, K)
+        m = output_hessian_sqrt(loss_fn, out, y, note)  # (B, C, K)
         return m.permute(2, 0, 1).reshape(m.shape[2], *out.shape)
     if kind == "fisher":
         y = sample_labels(out, generator)
-    g = vmap(grad(_per_sample_loss(loss_fn)))(out, y)
+    g = map_samples(grad(_per_sample_loss(loss_fn)), (out, y), (0, 0), note)
     return g.unsqueeze(0)
 
 
 def check_fisher_loss(kind: str, loss_fn, instead: str = "curvature='ggn' or 'empirical'") -> None:
     """The sampled (true) Fisher draws labels from softmax outputs: cross-entropy only."""
-    if kind == "fisher" and not _is_cross_entropy(loss_fn):
+    if kind == "fisher" and not (_is_cross_entropy(loss_fn) or can_sample_targets(loss_fn)):
         raise BrainsurgeonError(
             "the true Fisher samples labels from softmax outputs and needs nn.CrossEntropyLoss; "
             f"use {instead} with other losses"
@@ -208,6 +252,36 @@ def _accumulate_squared_grads(module: nn.Module, a: torch.Tensor, s: torch.Tenso
             acc[g * og : (g + 1) * og] += (per_sample**2).sum(0)
 
 
+def tap_split(model: nn.Module, targets: list[Target], x: torch.Tensor) -> tuple[list[Target], list[Target]]:
+    """(targets the forward hooks see once per pass, the others). The others (a weight used without
+    calling its module, as MultiheadAttention does with out_proj and in_proj_weight; a module called
+    twice; a parameter tied to another) take the per-sample-gradient path, which differentiates
+    through every use of the parameter."""
+    calls = {t.name: 0 for t in targets}
+    handles = []
+    for t in targets:
+        def hook(module, args, output, name=t.name):
+            calls[name] += 1
+        handles.append(t.module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    tapped = [t for t in targets if t.attr == "weight" and not t.tied_layers and calls[t.name] == 1]
+    return tapped, [t for t in targets if t not in tapped]
+
+
+def _functional_diagonal(model, targets, calib, loss_fn, kind, generator, note) -> dict[str, torch.Tensor]:
+    """sum_i sum_k (v_ik)^2 over the samples, v_ik the per-sample vectors of :mod:`.per_sample`."""
+    psv = PerSampleVectors(model, targets, calib, loss_fn, kind, generator, note=note)
+    acc = torch.zeros(psv.layout.size, dtype=torch.float64, device=targets[0].weight.device)
+    for v in psv:
+        acc += (v.double() ** 2).sum(0)
+    return {t.name: a.reshape(t.weight.shape[0], -1) for t, a in zip(targets, psv.layout.split(acc))}
+
+
 def diagonal_curvature(
     model: nn.Module,
     targets: list[Target],
@@ -216,27 +290,38 @@ def diagonal_curvature(
     curvature: str = "ggn",
     generator: torch.Generator | None = None,
     track: Tracker = _no_track,
+    note=None,
 ) -> DiagonalCurvature:
     """The diagonal of the GGN (``"ggn"``), empirical Fisher (``"empirical"``) or MC true Fisher
-    (``"fisher"``) over the target weights, from one forward and K backward passes per batch."""
+    (``"fisher"``) over the target weights, from one forward and K backward passes per batch.
+
+    Targets the hooks cannot see (see :func:`tap_split`) get theirs from per-sample gradients
+    through ``torch.func``. ``note(what)`` records numerical fallbacks (a per-sample loop where
+    vmap fails on a custom loss)."""
     kind = check_curvature(curvature)
     check_fisher_loss(kind, loss_fn)
+    tapped, functional = tap_split(model, targets, calib.batches[0][0])
+    for t in tapped:
+        if t.tied and note is not None:  # e.g. an lm_head tied to the token embedding
+            note(f"{t.name}: the uses of its tied weight by {', '.join(t.tied)} (not a layer) are not in its curvature")
     acc = {
         t.name: torch.zeros(t.weight.shape[0], t.weight[0].numel(), dtype=torch.float64, device=t.weight.device)
-        for t in targets
+        for t in tapped
     }
-    taps = LayerTaps(targets)
+    taps = LayerTaps(tapped)
     batches = calib.batches
-    for x, y in track(batches, f"diagonal {kind}", len(batches)):
+    for x, y in track(batches, f"diagonal {kind}", len(batches)) if tapped else ():
         with torch.enable_grad(), taps:
             out = model(x)
-        inputs = {t.name: layer_inputs(t.module, taps.inputs[t.name]) for t in targets}
-        signals = backprop_signals(loss_fn, out, y, kind, generator)
+        inputs = {t.name: layer_inputs(t.module, taps.inputs[t.name]) for t in tapped}
+        signals = backprop_signals(loss_fn, out, y, kind, generator, note)
         for k in range(signals.shape[0]):
             grads = taps.output_grads(out, signals[k].to(out.dtype), retain_graph=k < signals.shape[0] - 1)
-            for t in targets:
+            for t in tapped:
                 s = layer_output_grads(t.module, grads[t.name])
                 _accumulate_squared_grads(t.module, inputs[t.name], s, acc[t.name])
+    if functional:
+        acc.update(_functional_diagonal(model, functional, calib, loss_fn, kind, generator, note))
     n = calib.num_samples
     diag = {t.name: (acc[t.name] / n).reshape(t.weight.shape) for t in targets}
     return _DIAGONALS[kind](diag=diag, num_samples=n)

@@ -15,7 +15,13 @@ not the batch mean). K-FAC approximates the Fisher block E[vec(G) vec(G)^T] by
                         is the A (x) S of Martens & Grosse.
 
 For T = 1 this is exact for one sample (G G^T = s s^T (x) a a^T), an approximation otherwise
-(independent a and s). For convolutions the sum over positions in A and the mean in S are KFC's
+(independent a and s). Sequence models (a Linear on (B, L, d) inputs: transformers through
+:class:`brainsurgeon.adapters.hf.TokenView`) follow the same convention with the L tokens of a
+sequence as the T positions: the sample is the sequence, l_i its own loss (the mean over its
+tokens, as the model computes it), A sums a_it a_it^T over its tokens and S averages s_it s_it^T
+over them; the signals come from :mod:`.sequence` (per-sequence loops, no vmap; the exact
+expectation ``fisher="exact"`` is refused above :data:`.sequence.MAX_EXACT_OUTPUTS` output entries
+per sequence, since it takes one backward pass per entry: use ``"true"`` or ``"empirical"``). For convolutions the sum over positions in A and the mean in S are KFC's
 conventions (spatial homogeneity and spatially uncorrelated derivatives), under which
 E[sum_t sum_t' (s_t s_t'^T) (x) (a_t a_t'^T)] ~ sum_t E[s s^T] (x) E[a_t a_t^T] = S (x) A.
 
@@ -88,14 +94,23 @@ class DampedFactor:
 
 def _damp(x: torch.Tensor, rel: float) -> tuple[DampedFactor, bool]:
     """X + lam I with lam = rel * mean diag(X); a factor that is all zeros (no signal) gets lam = rel
-    instead (returned flag True) so its inverse stays finite."""
+    instead (returned flag True) so its inverse stays finite.
+
+    The inverse comes from a Cholesky factorisation (X PSD and lam > 0: positive definite; 1.4 s
+    against 4.2 s for eigh on a 1536 x 1536 factor, one thread on shared cores); where round-off defeats it, from
+    eigh with negative round-off eigenvalues set to zero (dead inputs then only meet the damping)."""
     mean_diag = float(torch.diagonal(x).mean())
     fallback = not (mean_diag > 0 and torch.isfinite(torch.tensor(mean_diag)))
     lam = rel * (1.0 if fallback else mean_diag)
-    evals, evecs = torch.linalg.eigh(x)
-    evals = evals.clamp_min(0) + lam  # a PSD factor: negative round-off eigenvalues are zero
-    inverse = (evecs / evals) @ evecs.T
-    return DampedFactor(matrix=x + lam * torch.eye(len(x), dtype=x.dtype, device=x.device), inverse=inverse, damping=lam), fallback
+    matrix = x + lam * torch.eye(len(x), dtype=x.dtype, device=x.device)
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        inverse = torch.cholesky_inverse(chol)
+    else:
+        evals, evecs = torch.linalg.eigh(x)
+        evals = evals.clamp_min(0) + lam  # a PSD factor: negative round-off eigenvalues are zero
+        inverse = (evecs / evals) @ evecs.T
+    return DampedFactor(matrix=matrix, inverse=0.5 * (inverse + inverse.T), damping=lam), fallback
 
 
 def damped(factors: KFACFactors, gamma: float, numerics=None) -> tuple[DampedFactor, DampedFactor]:

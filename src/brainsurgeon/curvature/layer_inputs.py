@@ -21,7 +21,9 @@ rows are accurate in float32; the running sum over many chunks is where float32 
 and that is kept in float64. A float64 model's activations stay float64 throughout.
 
 The inputs are captured with a forward *pre*-hook on the layer, which then stops the forward pass
-(the rest of the network is not needed). A module called several times in one forward pass
+(the rest of the network is not needed). This is the layer-by-layer path (a prefix pass per
+layer); ``brainsurgeon.sequential`` collects the same statistics block by block with the same
+accumulator where the model's chain of blocks is known. A module called several times in one forward pass
 (weight sharing) is therefore seen at its first call only.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 
 from ..data import Calibration
 from ..errors import BrainsurgeonError
-from ..targets import Target
+from ..targets import Target, holder_modules, register_input_capture
 
 
 class _StopForward(BaseException):
@@ -57,16 +59,28 @@ class LayerInputStats:
 def check_supported(target: Target) -> None:
     """Refuse layers whose input rows are not one X column per output (grouped convolutions)."""
     m = target.module
-    if isinstance(m, nn.Conv2d) and m.groups != 1:
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups != 1:
         raise BrainsurgeonError(
             f"layer {target.name!r} is a grouped Conv2d (groups={m.groups}); layer-wise methods need "
             f"groups=1 (one input matrix shared by all filters). Exclude it with layers={{'exclude': ['{target.name}']}}"
         )
 
 
-def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def input_rows(module: nn.Module, x: torch.Tensor, args: tuple | None = None) -> torch.Tensor:
     """The layer's input as rows of X^T: (N, in) for Linear, (B * L, C_in*kh*kw) patches for Conv2d."""
     if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        from .diagonal import conv1d_patches
+
+        rows = conv1d_patches(module, x if x.dim() == 3 else x.unsqueeze(0))
+        return rows.reshape(-1, rows.shape[-1])
+    if isinstance(module, nn.MultiheadAttention):  # in_proj_weight: every row acts on the query/key/value input
+        if args is None or len(args) < 3 or not (args[1] is args[0] and args[2] is args[0]):
+            raise BrainsurgeonError(
+                "layer-wise methods prune a MultiheadAttention's in_proj_weight for self-attention only (query, key "
+                "and value the same tensor, passed positionally); exclude the layer's in_proj_weight otherwise"
+            )
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:  # unbatched input (C, H, W)
@@ -100,8 +114,8 @@ class _Accumulator:
 
     def add(self, rows: torch.Tensor, ref_rows: torch.Tensor | None = None) -> None:
         rows = rows.detach()
-        if not rows.is_floating_point():
-            rows = rows.float()
+        if not rows.is_floating_point() or rows.dtype in (torch.bfloat16, torch.float16):
+            rows = rows.float()  # bf16/fp16 products would round X^T X to 8/11 bits: form them in float32
         self.rows += rows.shape[0]
         if self.xtx is None:
             self.sq += rows.to(torch.float64).square().sum(0)
@@ -125,15 +139,42 @@ class _Accumulator:
             self._pending_ref = []
             self.cross += (ref.T @ x).to(torch.float64)
 
+    def _reduce_ranks(self) -> None:
+        """Under torch.distributed: the sums and the row count over every rank's shard (float64),
+        before the normalisation by the total row count (see :mod:`brainsurgeon.distributed`)."""
+        from ..distributed import all_reduce_count, all_reduce_sum, is_distributed
+
+        if self.xtx is not None:
+            self._flush()
+        if not is_distributed():
+            return
+        self.rows = all_reduce_count(self.rows)
+        if self.xtx is not None:
+            self.xtx = all_reduce_sum(self.xtx)
+        else:
+            self.sq = all_reduce_sum(self.sq)
+        if self.cross is not None:
+            self.cross = all_reduce_sum(self.cross)
+
     def result(self) -> LayerInputStats:
+        self._reduce_ranks()
         n = max(self.rows, 1)
         hessian = None
         if self.xtx is not None:
-            self._flush()
             self.sq = torch.diagonal(self.xtx).clone()
             hessian = self.xtx.mul_(2.0 / n)
         cross = None if self.cross is None else self.cross.mul_(2.0 / n)
         return LayerInputStats(hessian=hessian, sq_norms=self.sq, num_rows=self.rows, cross=cross)
+
+
+#: modules whose weight acts as a linear map on input rows (an Embedding holding a tied weight uses it
+#: as a lookup table: no reconstruction objective, no input rows)
+ROW_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+
+
+def linear_holders(model: nn.Module, target: Target) -> list[nn.Module]:
+    """``target.module`` and the other modules applying the same (tied) weight to input rows."""
+    return [m for m in holder_modules(model, target) if m is target.module or isinstance(m, ROW_MODULES)]
 
 
 def layer_input_stats(
@@ -142,17 +183,21 @@ def layer_input_stats(
     """Run the calibration batches through ``model`` (as it is now: earlier layers may already be
     pruned) and collect the statistics of ``target``'s inputs, stopping each forward at the layer."""
     check_supported(target)
-    module = target.module
     dim = target.weight_matrix().shape[1]
     acc = _Accumulator(dim, target.weight.device, with_hessian)
-    calls = {"n": 0}
+    calls = {"n": 0, "stop": False}
+    # A weight used more than once per forward (a tied weight, a module called twice) has one
+    # objective per use: H sums the input rows of every use. The first batch runs to the end to
+    # count the uses; with exactly one, later batches stop at the layer.
+    holders = linear_holders(model, target)
 
-    def hook(mod, args):
+    def on_rows(rows):
         calls["n"] += 1
-        acc.add(input_rows(mod, args[0]))
-        raise _StopForward
+        acc.add(rows)
+        if calls["stop"]:
+            raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    handles = [register_input_capture(model, m, on_rows) for m in holders]
     batches = calib.batches if track is None else track(calib.batches, f"inputs of {target.name}", total=len(calib.batches))
     try:
         with torch.no_grad():
@@ -167,8 +212,10 @@ def layer_input_stats(
                         f"layer {target.name!r} is not called in the model's forward pass, so it has no "
                         "calibration inputs; exclude it with layers={'exclude': [...]}"
                     )
+                calls["stop"] = calls["stop"] or calls["n"] == 1
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return acc.result()
 
 
@@ -176,11 +223,11 @@ def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: s
     """The input rows of ``module`` when ``model`` runs on ``x`` (the forward stops at the layer)."""
     box: list[torch.Tensor] = []
 
-    def hook(mod, args):
-        box.append(input_rows(mod, args[0]))
+    def on_rows(rows):
+        box.append(rows)
         raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = register_input_capture(model, module, on_rows)  # out_proj of an attention: on the attention
     try:
         with torch.no_grad():
             try:
@@ -203,6 +250,11 @@ def paired_input_stats(
     """H = (2/N) X X^T of ``target``'s inputs in ``model`` and the cross term G = (2/N) X_ref X^T with
     the same layer's inputs X_ref in ``reference`` (the dense network), batch by batch."""
     check_supported(target)
+    if target.tied_layers:
+        raise BrainsurgeonError(
+            f"error correction fits one layer to its dense outputs, but {target.name}'s weight is tied to "
+            f"{', '.join(target.tied)}; pass error_correction=False"
+        )
     acc = _Accumulator(target.weight_matrix().shape[1], target.weight.device, with_hessian=True, with_cross=True)
     batches = calib.batches if track is None else track(calib.batches, f"inputs of {target.name}", total=len(calib.batches))
     for x, _ in batches:

@@ -17,6 +17,7 @@ restricted to the target weights (flattened and concatenated in target order). T
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from ..errors import BrainsurgeonError
+from .sequence import can_sample_targets, sequence_signals, uses_sequence_signals
 from ..targets import Target
 
 CURVATURES = ("ggn", "empirical", "fisher")
@@ -42,7 +44,7 @@ class ParamLayout:
     def of(cls, targets: list[Target]) -> "ParamLayout":
         names, shapes, offsets, o = [], [], [], 0
         for t in targets:
-            names.append(f"{t.name}.weight" if t.name else "weight")
+            names.append(t.param_name)  # tied parameters: functional_call ties the other holders
             shapes.append(t.weight.shape)
             offsets.append(o)
             o += t.weight.numel()
@@ -72,10 +74,34 @@ def _is_cross_entropy(loss_fn) -> bool:
 
 def _per_sample_loss(loss_fn):
     """l(out_i, y_i) for one sample (a batch of one through the user's mean-reduced loss)."""
+    from ..validation import check_loss_weights
+
+    check_loss_weights(loss_fn)  # a batch of one divides class weights out: refuse, never drop them
     return lambda out, y: loss_fn(out.unsqueeze(0), y.unsqueeze(0))
 
 
-def output_hessian_sqrt(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def map_samples(fn, args: tuple, in_dims: tuple, note=None):
+    """``vmap(fn, in_dims)(*args)``; where ``fn`` cannot run under vmap (a custom loss with
+    data-dependent control flow, ``.item()``, in-place ops), the same per-sample loop in Python,
+    recorded through ``note(what)``. Outputs are tensors or dicts of tensors."""
+    try:
+        return vmap(fn, in_dims=in_dims)(*args)
+    except BrainsurgeonError:
+        raise
+    except Exception as e:  # vmap's refusals are RuntimeError/ValueError/NotImplementedError
+        what = f"per-sample loop instead of torch.func.vmap (it failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        if note is not None:
+            note(what)
+        else:  # a caller without a report still must not fall back silently
+            warnings.warn(what, stacklevel=2)
+    n = next(a.shape[d] for a, d in zip(args, in_dims) if d is not None)
+    rows = [fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(n)]
+    if isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack(rows)
+
+
+def output_hessian_sqrt(loss_fn, out: torch.Tensor, y: torch.Tensor, note=None) -> torch.Tensor:
     """M with M M^T = d2 l/d out2 per sample: (B, C, C).
 
     Cross-entropy has the closed form H = diag(p) - p p^T = M M^T with M = diag(sqrt p) - p sqrt(p)^T.
@@ -94,7 +120,7 @@ def output_hessian_sqrt(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Te
     def l_flat(o, y):
         return loss1(o.reshape(shape), y)
 
-    h = vmap(torch.func.hessian(l_flat))(flat_out, y).double()
+    h = map_samples(torch.func.hessian(l_flat), (flat_out, y), (0, 0), note).double()
     evals, evecs = torch.linalg.eigh(h)
     return (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)).to(out.dtype)
 
@@ -115,10 +141,11 @@ class PerSampleVectors:
         curvature: str = "ggn",
         generator: torch.Generator | None = None,
         max_chunk_bytes: int = 256 * 2**20,
+        note=None,
     ):
         self.model, self.calib, self.loss_fn = model, calib, loss_fn
         self.curvature = check_curvature(curvature)
-        if curvature == "fisher" and not _is_cross_entropy(loss_fn):
+        if curvature == "fisher" and not (_is_cross_entropy(loss_fn) or can_sample_targets(loss_fn)):
             raise BrainsurgeonError(
                 "curvature='fisher' samples labels from softmax outputs and needs nn.CrossEntropyLoss; "
                 "use curvature='ggn' or 'empirical' with other losses"
@@ -126,6 +153,7 @@ class PerSampleVectors:
         self.layout = ParamLayout.of(targets)
         self.generator = generator
         self.max_chunk_bytes = max_chunk_bytes
+        self.note = note  # records a per-sample loop taken where vmap fails
         self.params = {n: p.detach() for n, p in zip(self.layout.names, (t.weight for t in targets))}
 
     @property
@@ -153,10 +181,12 @@ class PerSampleVectors:
                     yield self._vectors(xs, ys, outs)
 
     def _vectors(self, x, y, out) -> torch.Tensor:
+        if uses_sequence_signals(self.loss_fn, out):  # sequence models: loops, never vmap (see .sequence)
+            return self._sequence_vectors(x, y, out)
         if self.curvature == "ggn":
-            jac = vmap(jacrev(self._forward_one), in_dims=(None, 0))(self.params, x)  # (B, *out, *w)
+            jac = map_samples(jacrev(self._forward_one), (self.params, x), (None, 0), self.note)  # (B, *out, *w)
             j = self._flat({k: v.reshape(len(x), out[0].numel(), *v.shape[1 + out.dim() - 1 :]) for k, v in jac.items()}, 2)
-            m = output_hessian_sqrt(self.loss_fn, out, y).reshape(len(x), out[0].numel(), -1)
+            m = output_hessian_sqrt(self.loss_fn, out, y, self.note).reshape(len(x), out[0].numel(), -1)
             return torch.einsum("bon,bok->bkn", j.to(m.dtype), m).reshape(-1, j.shape[-1])
         if self.curvature == "fisher":
             probs = torch.softmax(out.detach().double(), dim=1)
@@ -166,5 +196,21 @@ class PerSampleVectors:
         def sample_loss(params, xi, yi):
             return loss1(self._forward_one(params, xi), yi)
 
-        g = vmap(grad(sample_loss), in_dims=(None, 0, 0))(self.params, x, y)
+        g = map_samples(grad(sample_loss), (self.params, x, y), (None, 0, 0), self.note)
         return self._flat(g, 1)
+
+    def _sequence_vectors(self, x, y, out) -> torch.Tensor:
+        """Per-sequence vectors by a loop over the sequences (one backward pass per signal): the
+        empirical / sampled-Fisher gradient, or the GGN columns J_i^T m_ik (small outputs only)."""
+        if self.note is not None:
+            self.note("per-sequence gradients by a Python loop, not torch.func.vmap (sequence models, see curvature.sequence)")
+        params = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
+        signals = sequence_signals(self.loss_fn, out, y, self.curvature, self.generator)  # (K, B, ...)
+        rows = []
+        for i in range(len(x)):
+            with torch.enable_grad():
+                oi = functional_call(self.model, params, (x[i : i + 1],))
+                for k in range(signals.shape[0]):
+                    gs = torch.autograd.grad(oi, list(params.values()), signals[k, i : i + 1].to(oi.dtype), retain_graph=True)
+                    rows.append(torch.cat([g.reshape(-1) for g in gs]))
+        return torch.stack(rows).detach()

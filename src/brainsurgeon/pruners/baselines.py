@@ -8,6 +8,12 @@ from ..registry import register
 from .base import SaliencyMethod
 
 
+def no_calibration(ctx: PruneContext) -> None:
+    """Record that no calibration statistics were computed (``report["calibration"]["path"]``)."""
+    cal = ctx.extra_report.get("calibration")
+    ctx.extra_report["calibration"] = {**(cal if isinstance(cal, dict) else {}), "path": "none"}
+
+
 @register("magnitude")
 class Magnitude(SaliencyMethod):
     """Magnitude pruning (Han, Pool, Tran & Dally 2015, "Learning both weights and connections").
@@ -18,6 +24,7 @@ class Magnitude(SaliencyMethod):
     summary = "Magnitude |w| (Han et al. 2015): the standard baseline."
 
     def scores(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        no_calibration(ctx)
         return {t.name: t.weight.detach().abs() for t in ctx.targets}
 
 
@@ -32,6 +39,7 @@ class Random(SaliencyMethod):
     summary = "Uniformly random weights (seeded): the control."
 
     def scores(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        no_calibration(ctx)
         return {
             t.name: torch.rand(t.weight.shape, generator=ctx.generator, device=ctx.generator.device).to(t.weight.device)
             for t in ctx.targets

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ..allocation import num_pruned
+from ..allocation import num_pruned, uniform_count
 from ..context import PruneContext
 from ..errors import BrainsurgeonError
 from ..registry import register
@@ -91,7 +91,7 @@ class GreedyRollback(PruningMethod):
         o = ctx.options
         if o.allocation == "global":
             return {t.name: math.floor(o.max_layer_sparsity * t.weight.numel() + 1e-9) for t in ctx.targets}
-        return {t.name: num_pruned(t.weight.numel(), o.sparsity) for t in ctx.targets}
+        return {t.name: uniform_count(t.weight.numel(), o.sparsity, o.max_layer_sparsity) for t in ctx.targets}
 
     def run(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         from ..registry import get_method

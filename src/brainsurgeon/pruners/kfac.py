@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..allocation import global_counts, lowest_k_mask, num_pruned
+from ..allocation import global_counts, lowest_k_mask, uniform_count
 from ..context import PruneContext
 from ..curvature.diagonal import check_fisher_loss
 from ..curvature.kfac import (
@@ -185,7 +185,16 @@ class KFACOBS(PruningMethod):
     formula dw = -F^-1 E_Q (E_Q^T F^-1 E_Q)^-1 w_Q, and the single-weight formula above when
     |Q| = 1). The factors are computed once at the trained weights W0, where the quadratic model is
     centred (gradient ~ 0); between steps the saliencies are recomputed from the compensated
-    weights. The sparsity grows linearly to the target over the steps; with
+    weights, but with the *undowndated* [S_d^-1]_ii [A_d^-1]_jj: the exact OBS loss of removing q
+    after Q is w_q^2 / (2 [(F_RR)^-1]_qq) with F_RR the Fisher restricted to the remaining weights
+    R, and (F_RR)^-1 = [F^-1]_RR - [F^-1]_RQ ([F^-1]_QQ)^-1 [F^-1]_QR has no Kronecker form for a
+    scattered Q. Since [(F_RR)^-1]_qq <= [F^-1]_qq, the saliencies after the first step are lower
+    bounds of the true OBS losses (tested). Measured on LeNet-300-100-style (64-24-16-10, digits),
+    4 steps to 0.9: the median ratio saliency / true loss per layer is 0.68-0.91 at step 2 and
+    0.32-0.45 at step 4 (uniform); under ``allocation="global"`` the layer already pruned hardest
+    is underestimated most (step 4: 0.30 for the first layer at 79% against 0.81 for the last at
+    11%), which pushes still more of the sparsity into it. More steps keep each step's estimate
+    closer (step 2 is within 10% for most weights). The sparsity grows linearly to the target over the steps; with
     ``allocation="global"`` one threshold over all layers' saliencies chooses each step's weights.
     The bias (not pruned) is compensated through its column in A. Each step warm-starts from the
     previous solution; the report's ``kfac_obs.cg`` gives the iterations and the final relative
@@ -212,6 +221,7 @@ class KFACOBS(PruningMethod):
             factors = _factors(ctx, self.fisher)
         with ctx.timer("solve"):
             layers = self._layers(ctx, factors)
+            del factors  # the damped copies replace them (SmolLM2-135M: 2.4 GB of float64 factors)
             for step in ctx.track(range(1, self.obs_steps + 1), "K-FAC OBS steps", self.obs_steps):
                 self._step(ctx, layers, step)
             self._write_back(ctx, layers)
@@ -241,7 +251,7 @@ class KFACOBS(PruningMethod):
         fraction = o.sparsity if step == self.obs_steps else o.sparsity * step / self.obs_steps
         if o.allocation == "global":
             return global_counts(scores, fraction, o.max_layer_sparsity)
-        return {name: num_pruned(s.numel(), fraction) for name, s in scores.items()}
+        return {name: uniform_count(s.numel(), fraction, o.max_layer_sparsity) for name, s in scores.items()}
 
     def _step(self, ctx: PruneContext, layers: dict[str, _Layer], step: int) -> None:
         scores = {}

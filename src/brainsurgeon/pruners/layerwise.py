@@ -9,7 +9,21 @@ where X holds the layer's inputs over the calibration set (see ``curvature.layer
 
 Layers are calibrated in sequence: layer l is solved on the inputs produced by the working copy in
 which layers 1..l-1 are already pruned and compensated, so each layer also corrects the error its
-predecessors left (the sequential scheme of the SparseGPT reference).
+predecessors left (the sequential scheme of the SparseGPT reference). Where the model's chain of
+blocks is found (HF transformers, ``nn.Sequential``), the statistics come block by block from
+cached activations (``brainsurgeon.sequential``: O(L) block passes, layers reading one input share
+one accumulation); otherwise each layer re-runs the network's prefix (O(L^2)). Both give the same
+masks and weights; ``report["calibration"]["path"]`` says which ran. Measured, sparsegpt 50% on a
+random Llama (4 layers, hidden 256, FFN 688, GQA 8/4 heads; 32 x 128 tokens; 1 thread, shared
+2-core machine): layer-by-layer 15.3 s (statistics 13.5 s, 28 prefix passes), block-sequential
+4.7 s (statistics 3.5 s, 21 block passes), identical masks and weights.
+
+OWL allocation (``allocation="owl"``; Yin et al. 2024, "Outlier Weighed Layerwise Sparsity (OWL):
+A Missing Secret Sauce for Pruning LLMs to High Sparsity"): on the dense model, each block's
+outlier ratio D_b is the fraction of its Wanda metrics |W_ij| ||X_j|| above ``owl_m`` (5) times
+their mean over the block; block sparsities S - (2 lambda n_b - mean 2 lambda n), n_b = D_b
+min-max normalised, lambda = ``owl_lambda`` (0.08), so blocks with more outliers are pruned less,
+within S +- lambda, mean S; per-layer counts are then made exact (``exact_counts``).
 
 Numerics (as in SparseGPT): inputs never active on the calibration data (H_jj = 0) get H_jj = 1
 and their weights are set to zero, which makes them the free first choices of every solver; the
@@ -74,17 +88,23 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import ClassVar
 
 import torch
 
-from ..allocation import Structure, global_counts, num_pruned
+from ..allocation import Structure, global_counts, layer_cap, num_pruned, uniform_count
 from ..context import PruneContext
+from ..distributed import split_hooks
 from ..curvature.layer_inputs import LayerInputStats, check_supported, layer_input_stats, paired_input_stats
 from ..errors import BrainsurgeonError
+from ..sequential import PATH_BLOCKS, PATH_LAYERS, BlockPlan, is_chain, plan_blocks, walk_blocks
 from .base import PruningMethod
 
 GLOBAL_SALIENCIES = ("relative", "absolute")
+CALIBRATION_PATHS = ("auto", "blocks", "layers")
+ACTIVATION_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OWL_M, OWL_LAMBDA = 5.0, 0.08
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -158,14 +178,85 @@ def output_energy(w: torch.Tensor, hessian: torch.Tensor) -> float:
     return float(((w @ hessian) * w).sum()) / 2.0
 
 
+# ----------------------------------------------------------------------------- OWL allocation
+def owl_block_sparsities(ratios: dict[str, float], sparsity: float, lam: float) -> dict[str, float]:
+    """OWL (Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): block b's sparsity is
+        s_b = S - (2 lambda n_b - mean_b' 2 lambda n_b'),   n_b = (D_b - min D) / (max D - min D),
+    D_b the block's outlier ratio: more outliers, lower sparsity, within [S - lambda, S + lambda],
+    mean S. Equal ratios give S everywhere."""
+    values = torch.tensor(list(ratios.values()), dtype=torch.float64)
+    spread = float(values.max() - values.min()) if len(values) else 0.0
+    if spread <= 0.0:
+        return dict.fromkeys(ratios, sparsity)
+    shifted = (values - values.min()) / spread * (2.0 * lam)
+    return {b: sparsity - float(v) for b, v in zip(ratios, shifted - shifted.mean())}
+
+
+def exact_counts(fractions: dict[str, float], numels: dict[str, int], k: int, max_layer_sparsity: float) -> dict[str, int]:
+    """Integer counts summing to ``k`` exactly, each within [0, cap], closest to ``fractions``: a common
+    shift delta makes sum_l clip(f_l + delta) n_l = k (bisection; monotone in delta), then the
+    largest remainders are rounded up."""
+    caps = {n: layer_cap(numels[n], max_layer_sparsity) for n in fractions}
+    if k > sum(caps.values()):
+        raise BrainsurgeonError(f"{k} weights cannot be pruned under max_layer_sparsity={max_layer_sparsity}; raise the cap")
+
+    def want(delta: float) -> dict[str, float]:
+        return {n: min(max((f + delta) * numels[n], 0.0), float(caps[n])) for n, f in fractions.items()}
+
+    lo, hi = -2.0, 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if sum(want(mid).values()) < k else (lo, mid)
+    real = want(hi)
+    counts = {n: min(math.floor(v), caps[n]) for n, v in real.items()}
+    short = k - sum(counts.values())
+    order = sorted(real, key=lambda n: -(real[n] - math.floor(real[n])))  # stable: module order on ties
+    for n in order * 2:
+        if short <= 0:
+            break
+        if counts[n] < caps[n]:
+            counts[n] += 1
+            short -= 1
+    if short != 0:
+        raise RuntimeError(f"exact_counts left {short} weights unassigned")  # a bug
+    return counts
+
+
+def outlier_ratio(metrics: list[torch.Tensor], m: float) -> float:
+    """Fraction of the block's |W_ij| ||X_j|| values above ``m`` times their mean over the block."""
+    total = sum(float(a.sum()) for a in metrics)
+    n = sum(a.numel() for a in metrics)
+    threshold = m * total / max(n, 1)
+    return sum(int((a > threshold).sum()) for a in metrics) / max(n, 1)
+
+
+def _as_dtype(value) -> torch.dtype | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype) and value in ACTIVATION_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in ACTIVATION_DTYPES:
+        return ACTIVATION_DTYPES[value]
+    raise BrainsurgeonError(f"activations_dtype must be None or one of {sorted(ACTIVATION_DTYPES)}, got {value!r}")
+
+
 class LayerwiseMethod(PruningMethod):
-    """Base of the layer-wise methods: sequential calibration, exact counts, global allocation.
+    """Base of the layer-wise methods: sequential calibration (block by block where the model's
+    blocks are found, see :mod:`brainsurgeon.sequential`), exact counts, global and OWL allocation.
 
     Subclasses implement :meth:`solve`: ``(W (out x in), prepared stats, count, structure) ->
     (W_new, keep)`` with exactly ``count`` weights pruned.
+
+    Common options: ``calibration_path`` ("auto": block-sequential where the blocks are found, else
+    layer by layer; "blocks": refuse when no blocks are found; "layers": the O(L^2) path),
+    ``activations_dtype`` (the dtype of the cached block activations: None keeps the model's;
+    "bfloat16"/"float16" halve their memory), ``owl_m`` (5) and ``owl_lambda`` (0.08) for
+    ``allocation="owl"``.
     """
 
     supports_nm: ClassVar[bool] = True
+    #: allocations the layer-wise methods implement themselves (the engine refuses "owl" elsewhere)
+    allocations: ClassVar[tuple[str, ...]] = ("uniform", "global", "owl")
     #: whether the solver needs H (Wanda only needs the input norms)
     needs_hessian: ClassVar[bool] = True
     #: fit each layer to the dense network's outputs (see the module docstring); methods that update
@@ -173,7 +264,9 @@ class LayerwiseMethod(PruningMethod):
     error_correction: bool | str = False
 
     def __init__(
-        self, percdamp: float | None = None, global_saliency: str = "relative", error_correction: bool | str = False
+        self, percdamp: float | None = None, global_saliency: str = "relative", error_correction: bool | str = False,
+        calibration_path: str = "auto", activations_dtype=None, owl_m: float | None = None,
+        owl_lambda: float | None = None,
     ) -> None:
         if not (isinstance(error_correction, bool) or error_correction == "auto"):
             raise BrainsurgeonError(f"error_correction must be True, False or 'auto', got {error_correction!r}")
@@ -186,6 +279,20 @@ class LayerwiseMethod(PruningMethod):
             raise BrainsurgeonError(f"global_saliency must be one of {GLOBAL_SALIENCIES}, got {global_saliency!r}")
         self.percdamp = None if percdamp is None else float(percdamp)
         self.global_saliency = global_saliency
+        self._set_calibration_options(calibration_path, activations_dtype, owl_m, owl_lambda)
+
+    def _set_calibration_options(self, calibration_path, activations_dtype, owl_m, owl_lambda) -> None:
+        if calibration_path not in CALIBRATION_PATHS:
+            raise BrainsurgeonError(f"calibration_path must be one of {CALIBRATION_PATHS}, got {calibration_path!r}")
+        _as_dtype(activations_dtype)
+        for name, value, ok in (("owl_m", owl_m, lambda v: v > 0), ("owl_lambda", owl_lambda, lambda v: 0 <= v < 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)):
+                raise BrainsurgeonError(f"{name} must be a number ({'> 0' if name == 'owl_m' else 'in [0, 1)'}), got {value!r}")
+        self.calibration_path = calibration_path
+        self.activations_dtype = activations_dtype if activations_dtype is None or isinstance(activations_dtype, str) \
+            else str(activations_dtype).removeprefix("torch.")
+        self.owl_m = owl_m
+        self.owl_lambda = owl_lambda
 
     # -------------------------------------------------------------- options and checks
     def corrects_errors(self, ctx: PruneContext) -> bool:
@@ -207,6 +314,16 @@ class LayerwiseMethod(PruningMethod):
     def validate(self, ctx: PruneContext) -> None:
         self.relative_damping(ctx)
         s = ctx.options.structure
+        if ctx.options.allocation != "owl" and (self.owl_m is not None or self.owl_lambda is not None):
+            raise BrainsurgeonError("owl_m and owl_lambda apply to allocation='owl' only")
+        if ctx.options.allocation == "owl" and s.is_nm:
+            raise BrainsurgeonError(f"allocation='owl' varies the sparsity per block; {s} fixes it: use one or the other")
+        if self.calibration_path == "blocks" and self.block_plan(ctx) is None:
+            raise BrainsurgeonError(
+                "calibration_path='blocks': no chain of blocks holding the targets was found in this model "
+                "(an HF transformer, an nn.Sequential, or nn.TransformerEncoderLayer blocks run as a plain chain); "
+                "use calibration_path='auto'"
+            )
         for t in ctx.targets:
             check_supported(t)
             cols = t.weight_matrix().shape[1]
@@ -232,20 +349,72 @@ class LayerwiseMethod(PruningMethod):
             return err
         return err / max(energy, torch.finfo(torch.float64).tiny)
 
-    def layer_counts(self, ctx: PruneContext) -> dict[str, int]:
-        """How many weights each layer loses: uniform, N:M, or a global allocation on the dense model."""
+    # -------------------------------------------------------------- calibration paths
+    def block_plan(self, ctx: PruneContext) -> BlockPlan | None:
+        """The blocks to calibrate through, or None for the layer-by-layer path."""
+        if self.calibration_path == "layers":
+            return None
+        plan = plan_blocks(ctx.model, ctx.targets)
+        if plan is not None and plan.verify_chain and not is_chain(ctx.model, plan, ctx.calib):
+            return None  # the forward does more between the blocks than chaining them
+        return plan
+
+    def dense_statistics(self, ctx: PruneContext, plan: BlockPlan | None, visit, with_hessian: bool, what: str) -> None:
+        """``visit(block, target, stats)`` for every target on the dense model (nothing is pruned)."""
+        with ctx.timer("statistics"):
+            rest = ctx.targets
+            if plan is not None:
+                hooks = None if ctx.block_hooks is None else ctx.block_hooks.dense_pass()
+                walk_blocks(ctx.model, plan, ctx.calib, visit, with_hessian=with_hessian,
+                            activations_dtype=_as_dtype(self.activations_dtype), track=self._tracker(ctx, what),
+                            hooks=hooks)
+                rest = plan.tail
+            for t in ctx.track(rest, what, total=len(rest)):
+                visit(t.name, t, layer_input_stats(ctx.model, t, ctx.calib, with_hessian=with_hessian))
+
+    def _tracker(self, ctx: PruneContext, what: str):
+        return lambda it, description, total: ctx.track(it, f"{what}: {description}", total)
+
+    def layer_counts(self, ctx: PruneContext, plan: BlockPlan | None = None) -> dict[str, int]:
+        """How many weights each layer loses: uniform, N:M, or a global / OWL allocation on the dense model."""
         o = ctx.options
         if o.structure.is_nm:
             return {t.name: nm_count(t.weight.numel(), o.structure) for t in ctx.targets}
+        if o.allocation == "owl":
+            return self.owl_counts(ctx, plan)
         if o.allocation != "global":
-            return {t.name: num_pruned(t.weight.numel(), o.sparsity) for t in ctx.targets}
+            return {t.name: uniform_count(t.weight.numel(), o.sparsity, o.max_layer_sparsity) for t in ctx.targets}
         percdamp = self.relative_damping(ctx)
         scores = {}
-        with ctx.timer("statistics"):
-            for t in ctx.track(ctx.targets, "global allocation (dense statistics)", total=len(ctx.targets)):
-                stats = layer_input_stats(ctx.model, t, ctx.calib, with_hessian=self.needs_hessian)
-                scores[t.name] = self.allocation_scores(t.weight_matrix().detach(), stats, percdamp)
-        return global_counts(scores, o.sparsity, o.max_layer_sparsity)
+
+        def visit(block, t, stats):
+            scores[t.name] = self.allocation_scores(t.weight_matrix().detach(), stats, percdamp)
+
+        self.dense_statistics(ctx, plan, visit, self.needs_hessian, "global allocation (dense statistics)")
+        return global_counts({t.name: scores[t.name] for t in ctx.targets}, o.sparsity, o.max_layer_sparsity)
+
+    def owl_counts(self, ctx: PruneContext, plan: BlockPlan | None) -> dict[str, int]:
+        """OWL allocation: per-block outlier ratios of the Wanda metric on the dense model, block
+        sparsities by :func:`owl_block_sparsities`, exact counts by :func:`exact_counts`."""
+        o = ctx.options
+        m = OWL_M if self.owl_m is None else float(self.owl_m)
+        lam = OWL_LAMBDA if self.owl_lambda is None else float(self.owl_lambda)
+        metrics: dict[str, list[torch.Tensor]] = {}
+        owner: dict[str, str] = {}
+
+        def visit(block, t, stats):
+            w = t.weight_matrix().detach().double()
+            metrics.setdefault(block, []).append(w.abs() * stats.sq_norms.double().sqrt()[None, :])
+            owner[t.name] = block
+
+        self.dense_statistics(ctx, plan, visit, False, "OWL allocation (dense input norms)")
+        ratios = {b: outlier_ratio(ms, m) for b, ms in metrics.items()}
+        block_s = owl_block_sparsities(ratios, o.sparsity, lam)
+        numels = {t.name: t.weight.numel() for t in ctx.targets}
+        k = num_pruned(sum(numels.values()), o.sparsity)
+        counts = exact_counts({n: block_s[owner[n]] for n in numels}, numels, k, o.max_layer_sparsity)
+        ctx.extra_report["owl"] = {"m": m, "lambda": lam, "outlier_ratio": ratios, "block_sparsity": block_s}
+        return counts
 
     def prune_layer(
         self, name: str, w: torch.Tensor, stats: LayerInputStats, count: int, ctx: PruneContext
@@ -277,25 +446,69 @@ class LayerwiseMethod(PruningMethod):
             raise RuntimeError(f"{self.name} pruned {pruned} weights of {name}, expected {count}")  # a bug
         return w_new * keep, keep
 
-    def run(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        counts = self.layer_counts(ctx)
-        ctx.extra_report["target_sparsity"] = {t.name: counts[t.name] / t.weight.numel() for t in ctx.targets}
-        masks = {}
-        # the dense network, whose layer outputs are the targets of the error-correcting fit
-        dense = copy.deepcopy(ctx.model) if self.corrects_errors(ctx) else None
-        ctx.extra_report["error_correction"] = dense is not None
+    def _prune_target(self, t, stats: LayerInputStats, count: int, ctx: PruneContext, masks: dict) -> None:
+        with ctx.timer("solve"):
+            w = t.weight_matrix().detach()
+            w_new, keep = self.prune_layer(t.name, w, stats, count, ctx)
+            with torch.no_grad():
+                t.weight.copy_(w_new.reshape(t.weight.shape).to(t.weight.dtype))
+        masks[t.name] = keep.reshape(t.weight.shape)
+
+    def _run_layers(self, ctx, targets, counts, dense, masks) -> None:
+        """The layer-by-layer path: each layer's statistics from a forward of the whole prefix."""
         dense_modules = dict(dense.named_modules()) if dense is not None else {}
-        for t in ctx.track(ctx.targets, f"{self.name}: layers", total=len(ctx.targets)):
+        for t in ctx.track(targets, f"{self.name}: layers", total=len(targets)):
             with ctx.timer("statistics"):
                 # the working copy: earlier layers are already pruned and compensated
                 if dense is not None:
-                    stats = paired_input_stats(ctx.model, t, dense, dense_modules[t.name], ctx.calib)
+                    stats = paired_input_stats(ctx.model, t, dense, dense_modules[t.module_name], ctx.calib)
                 else:
                     stats = layer_input_stats(ctx.model, t, ctx.calib, with_hessian=self.needs_hessian)
-            with ctx.timer("solve"):
-                w = t.weight_matrix().detach()
-                w_new, keep = self.prune_layer(t.name, w, stats, counts[t.name], ctx)
-                with torch.no_grad():
-                    t.weight.copy_(w_new.reshape(t.weight.shape).to(t.weight.dtype))
-            masks[t.name] = keep.reshape(t.weight.shape)
+            self._prune_target(t, stats, counts[t.name], ctx, masks)
+
+    @staticmethod
+    def _hooks(ctx: PruneContext, masks: dict):
+        """Out-of-core loading (``ctx.block_hooks``) and, under torch.distributed, the split solves."""
+        if ctx.block_hooks is not None:
+            ctx.block_hooks.attach(masks)
+        return split_hooks(masks, ctx.block_hooks)
+
+    def _run_blocks(self, ctx, plan: BlockPlan, counts, paired: bool, masks) -> None:
+        """The block-sequential path (the statistics time is the walk's time less the solves')."""
+        t0, solve0 = time.perf_counter(), ctx.timer.seconds.get("solve", 0.0)
+        walk_blocks(
+            ctx.model, plan, ctx.calib, lambda b, t, stats: self._prune_target(t, stats, counts[t.name], ctx, masks),
+            with_hessian=self.needs_hessian, paired=paired, activations_dtype=_as_dtype(self.activations_dtype),
+            track=self._tracker(ctx, self.name), hooks=self._hooks(ctx, masks),
+        )
+        spent = time.perf_counter() - t0 - (ctx.timer.seconds.get("solve", 0.0) - solve0)
+        ctx.timer.seconds["statistics"] = ctx.timer.seconds.get("statistics", 0.0) + spent
+
+    def run(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        plan = self.block_plan(ctx)
+        counts = self.layer_counts(ctx, plan)
+        ctx.extra_report["target_sparsity"] = {t.name: counts[t.name] / t.weight.numel() for t in ctx.targets}
+        paired = self.corrects_errors(ctx)
+        ctx.extra_report["error_correction"] = paired
+        # the dense network for the error-correcting fit of the layers the blocks do not cover
+        dense = copy.deepcopy(ctx.model) if paired and (plan is None or plan.tail) else None
+        masks: dict[str, torch.Tensor] = {}
+        if plan is None:
+            self._run_layers(ctx, ctx.targets, counts, dense, masks)
+        else:
+            plan.passes = 0  # the allocation's dense pass is counted separately
+            self._run_blocks(ctx, plan, counts, paired, masks)
+            self._run_layers(ctx, plan.tail, counts, dense, masks)
+        self._report_path(ctx, plan)
         return masks
+
+    def _report_path(self, ctx: PruneContext, plan: BlockPlan | None) -> None:
+        cal = ctx.extra_report.get("calibration")
+        cal = dict(cal) if isinstance(cal, dict) else {}
+        if plan is None:
+            cal.update(path=PATH_LAYERS, prefix_passes=len(ctx.targets))
+        else:
+            cal.update(path=PATH_BLOCKS, blocks=len(plan.blocks), block_passes=plan.passes,
+                       layers_after_blocks=[t.name for t in plan.tail],
+                       activations_dtype=self.activations_dtype)
+        ctx.extra_report["calibration"] = cal

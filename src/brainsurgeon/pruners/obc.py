@@ -14,6 +14,22 @@ from .layerwise import LayerwiseMethod, cholesky_inverse
 
 #: memory for one chunk of per-row inverses (rows x in x in, float64): rows are batched up to this
 CHUNK_BYTES = 256 * 2**20
+#: seconds per rows * cols^3 of one layer's solve (greedy traces + replay, each d rank-1 downdates of
+#: d x d inverses per row). Measured with torch on 1 CPU thread on the shared 2-core machine:
+#: 64x128 0.72 s, 64x256 4.7 s, 32x384 7.6 s -> 5.3e-9, 4.4e-9, 4.2e-9 (the largest kept, rounded up).
+SECONDS_PER_ROW_COL3 = 4.5e-9
+#: an hour: LeNet-300-100 on 784 pixels is estimated at about 11 minutes and stays allowed; one
+#: 576 x 1536 down projection of SmolLM2-135M alone is estimated at 2.6 hours (30 of them per model)
+DEFAULT_TIME_BUDGET_S = 3600.0
+
+
+def time_estimate_s(targets) -> float:
+    """Estimated solve time of OBC over ``targets``: SECONDS_PER_ROW_COL3 * sum of rows * cols^3."""
+    total = 0.0
+    for t in targets:
+        rows, cols = t.weight_matrix().shape
+        total += float(rows) * float(cols) ** 3
+    return SECONDS_PER_ROW_COL3 * total
 
 
 def obs_step(w: torch.Tensor, hinv: torch.Tensor, q: torch.Tensor, active: torch.Tensor | None = None):
@@ -92,7 +108,8 @@ def row_counts(losses: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def obc_prune(
-    w: torch.Tensor, hessian: torch.Tensor, count: int, structure: Structure, chunk_rows: int | None = None
+    w: torch.Tensor, hessian: torch.Tensor, count: int, structure: Structure, chunk_rows: int | None = None,
+    track=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ExactOBS pruning of ``w`` (out x in) on the (damped) H; exactly ``count`` weights go.
 
@@ -101,6 +118,9 @@ def obc_prune(
     recording the loss of each step; the per-row counts are chosen from those traces
     (:func:`row_counts`) and the rows are replayed to their counts. N:M: every row removes M-N per
     group of M greedily (a full group is no longer a candidate).
+
+    ``track(iterable, description, total)`` reports progress per chunk of rows (a wide layer takes
+    minutes: a bar per layer alone would sit at 0% without an ETA).
     """
     rows, d = w.shape
     if count == 0 and not structure.is_nm:
@@ -111,23 +131,26 @@ def obc_prune(
     w64 = w.to(dtype)
     out = torch.empty_like(w64)
     pruned = torch.zeros(rows, d, dtype=torch.bool, device=w.device)
+    starts = range(0, rows, chunk)
+    if track is None or len(starts) < 2:  # one chunk: nothing to show between its start and end
+        track = lambda it, description, total: it  # noqa: E731
     if structure.is_nm:
         per_row = d // structure.m * (structure.m - structure.n)
-        for r0 in range(0, rows, chunk):
+        for r0 in track(starts, f"obc: rows {rows}x{d}, chunks of {chunk}", len(starts)):
             r1 = min(r0 + chunk, rows)
             steps = torch.full((r1 - r0,), per_row, device=w.device)
             out[r0:r1], pruned[r0:r1], _, _ = greedy_rows(w64[r0:r1], hinv, steps, structure)
     else:
         full = torch.full((rows,), d, device=w.device)
         traces, orders = [], []
-        for r0 in range(0, rows, chunk):
+        for r0 in track(starts, f"obc: row traces {rows}x{d}, chunks of {chunk}", len(starts)):
             r1 = min(r0 + chunk, rows)
             _, _, loss, order = greedy_rows(w64[r0:r1], hinv, full[r0:r1], structure)
             traces.append(loss)
             orders.append(order)
         counts = row_counts(torch.cat(traces), count)
         order = torch.cat(orders)
-        for r0 in range(0, rows, chunk):
+        for r0 in track(starts, f"obc: replay {rows}x{d} to the chosen counts", len(starts)):
             r1 = min(r0 + chunk, rows)
             out[r0:r1], pruned[r0:r1], _, _ = greedy_rows(
                 w64[r0:r1], hinv, counts[r0:r1], structure, order=order[r0:r1]
@@ -151,7 +174,9 @@ class OBC(LayerwiseMethod):
     Options: ``percdamp`` (default: the run's ``damping``, else 0.01), ``chunk_rows`` (rows solved
     at once; default: as many as fit in 256 MiB), ``global_saliency`` (see layerwise).
     ``error_correction`` (default "auto": on with global allocation; True: each layer is fitted
-    to the dense network's outputs; see layerwise).
+    to the dense network's outputs; see layerwise). ``time_budget_s`` (3600): OBC states its
+    estimated solve time (:func:`time_estimate_s`, from rows x cols^3 per layer) and refuses, before
+    any work, when it exceeds the budget (SparseGPT and Wanda scale to LLM sizes).
     """
 
     summary = "OBC (Frantar & Alistarh 2022): exact greedy OBS per output row on the layer's X X^T."
@@ -160,11 +185,39 @@ class OBC(LayerwiseMethod):
     def __init__(
         self, percdamp: float | None = None, chunk_rows: int | None = None, global_saliency: str = "relative",
         error_correction: bool | str = "auto",
+        calibration_path: str = "auto", activations_dtype=None, owl_m: float | None = None,
+        owl_lambda: float | None = None, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     ) -> None:
-        super().__init__(percdamp=percdamp, global_saliency=global_saliency, error_correction=error_correction)
+        super().__init__(
+            percdamp=percdamp, global_saliency=global_saliency, error_correction=error_correction, calibration_path=calibration_path,
+            activations_dtype=activations_dtype, owl_m=owl_m, owl_lambda=owl_lambda,
+        )
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise BrainsurgeonError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        if isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float)) or not time_budget_s > 0:
+            raise BrainsurgeonError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
         self.chunk_rows = chunk_rows
+        self.time_budget_s = float(time_budget_s)
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        estimate = time_estimate_s(ctx.targets)
+        ctx.extra_report["obc_time_estimate_s"] = estimate
+        if estimate > self.time_budget_s:
+            widest = max(ctx.targets, key=lambda t: t.weight_matrix().shape[1])
+            rows, cols = widest.weight_matrix().shape
+            raise BrainsurgeonError(
+                f"obc would take about {estimate:.3g} s here ({SECONDS_PER_ROW_COL3:g} s x rows x cols^3 summed over "
+                f"{len(ctx.targets)} layers; widest {widest.name}: {rows}x{cols}), over time_budget_s={self.time_budget_s:g}; "
+                "use sparsegpt or wanda, which scale to these sizes, or raise time_budget_s"
+            )
+
+    def run(self, ctx):
+        self._track = ctx.track  # progress per chunk of rows inside each layer's solve
+        try:
+            return super().run(ctx)
+        finally:
+            self._track = None
 
     def solve(self, w: torch.Tensor, stats: LayerInputStats, count: int, structure: Structure, note=None):
-        return obc_prune(w, stats.hessian, count, structure, self.chunk_rows)
+        return obc_prune(w, stats.hessian, count, structure, self.chunk_rows, getattr(self, "_track", None))

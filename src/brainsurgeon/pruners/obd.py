@@ -7,6 +7,7 @@ from ..context import PruneContext
 from ..curvature.diagonal import check_fisher_loss, diagonal_curvature
 from ..curvature.per_sample import check_curvature
 from ..errors import BrainsurgeonError
+from ..validation import check_loss_weights
 from ..registry import register
 from .base import SaliencyMethod
 
@@ -25,6 +26,12 @@ class OBD(SaliencyMethod):
     Fisher diagonal (mean squared per-sample gradients), ``"fisher"`` a Monte-Carlo true Fisher
     diagonal (labels sampled from the model; cross-entropy only). The saliencies are loss
     increases, comparable across layers (``allocation="global"``). No weight is updated.
+
+    Weights the layer hooks cannot see once per forward pass (a tied weight, a module called twice,
+    ``nn.MultiheadAttention``'s in_proj_weight and out_proj) get the same diagonal from per-sample
+    gradients through ``torch.func``, which differentiates through every use. A loss that cannot
+    run under ``vmap`` is evaluated sample by sample, recorded in ``numerics.fallbacks``.
+    Class-weighted cross-entropy is refused (a per-sample loss divides the class weight out).
     """
 
     summary = "Optimal Brain Damage (LeCun et al. 1990): 1/2 H_qq w_q^2, diagonal GGN or Fisher."
@@ -36,9 +43,17 @@ class OBD(SaliencyMethod):
 
     def validate(self, ctx: PruneContext) -> None:
         check_fisher_loss(self.curvature, ctx.loss_fn)
+        check_loss_weights(ctx.loss_fn)
 
     def scores(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        noted: set[str] = set()
+
+        def note(what: str) -> None:  # once per kind of fallback, not once per batch
+            if what not in noted:
+                noted.add(what)
+                ctx.numerics.fallback("obd", what)
+
         diag = diagonal_curvature(
-            ctx.model, ctx.targets, ctx.calib, ctx.loss_fn, self.curvature, ctx.generator, track=ctx.track
+            ctx.model, ctx.targets, ctx.calib, ctx.loss_fn, self.curvature, ctx.generator, track=ctx.track, note=note
         )
         return {t.name: 0.5 * diag[t.name] * t.weight.detach().double() ** 2 for t in ctx.targets}

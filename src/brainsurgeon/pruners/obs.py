@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..allocation import global_counts, lowest_k_mask, num_pruned
+from ..allocation import global_counts, lowest_k_mask, num_pruned, uniform_count
 from ..context import PruneContext
 from ..curvature.inverse import outer_product_inverse, solve_spd
 from ..curvature.per_sample import ParamLayout, PerSampleVectors, check_curvature
@@ -96,7 +96,7 @@ def step_prune_masks(
         k_step = round(num_pruned(total, opts.sparsity) * step / steps)
         counts = global_counts(masked, k_step / total, opts.max_layer_sparsity)
     else:
-        counts = {k: round(num_pruned(s.numel(), opts.sparsity) * step / steps) for k, s in scores.items()}
+        counts = {k: round(uniform_count(s.numel(), opts.sparsity, opts.max_layer_sparsity) * step / steps) for k, s in scores.items()}
     return {k: ~lowest_k_mask(masked[k], counts[k]) for k in masked}, counts
 
 
@@ -114,8 +114,14 @@ def relative_damping(mean_diag: torch.Tensor, damping: float, numerics, where: s
 
 
 def vectors(ctx: PruneContext, curvature: str, max_chunk_bytes: int = 64 * 2**20) -> PerSampleVectors:
+    def note(what: str) -> None:  # a per-sample loop taken instead of vmap: reported once
+        line = f"{ctx.options.method}: {what}"
+        if line not in ctx.numerics.fallbacks:
+            ctx.numerics.fallback(ctx.options.method, what)
+
     return PerSampleVectors(
-        ctx.model, ctx.targets, ctx.calib, ctx.loss_fn, curvature, ctx.generator, max_chunk_bytes=max_chunk_bytes
+        ctx.model, ctx.targets, ctx.calib, ctx.loss_fn, curvature, ctx.generator, max_chunk_bytes=max_chunk_bytes,
+        note=note,
     )
 
 

@@ -47,11 +47,16 @@ class Wanda(LayerwiseMethod):
     supports_nm: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = False
 
-    def __init__(self, global_saliency: str = "relative") -> None:
+    def __init__(
+        self, global_saliency: str = "relative", calibration_path: str = "auto", activations_dtype=None,
+        owl_m: float | None = None, owl_lambda: float | None = None,
+    ) -> None:
         if global_saliency not in GLOBAL_SALIENCIES:
             raise BrainsurgeonError(f"global_saliency must be one of {GLOBAL_SALIENCIES}, got {global_saliency!r}")
         self.global_saliency = global_saliency
         self.percdamp = None  # no inverse: damping does not apply
+        self.error_correction = False  # no weight update: nothing to fit
+        self._set_calibration_options(calibration_path, activations_dtype, owl_m, owl_lambda)
 
     def relative_damping(self, ctx) -> float:
         return 0.0
@@ -62,7 +67,7 @@ class Wanda(LayerwiseMethod):
         super().validate(ctx)
 
     def options(self) -> dict:
-        return {"global_saliency": self.global_saliency}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k not in ("percdamp", "error_correction")}
 
     def allocation_scores(self, w: torch.Tensor, stats: LayerInputStats, percdamp: float) -> torch.Tensor:
         err = wanda_scores(w.double(), stats.sq_norms).square() / max(stats.num_rows, 1)

@@ -113,6 +113,12 @@ class WoodFisher(PruningMethod):
     Options: ``block_size`` (default 64), ``obs_steps`` (default 16), ``curvature`` ("empirical" or
     "fisher"), ``max_memory_bytes`` (default 2 GiB).
 
+    Sequence models (transformers through their token view): a sample is a sequence and g_i the
+    gradient of its own loss (the mean over its tokens); the gradients come from a loop over the
+    sequences, not ``torch.func.vmap`` (reported in ``numerics.fallbacks``), a chunk of a few at a
+    time, never one per sample for the whole calibration set; ``curvature="fisher"`` samples a
+    label per token from the model (see :mod:`brainsurgeon.curvature.sequence`).
+
     Defaults, measured on LeNet-300-100 (Fashion-MNIST, 20k-sample 3-epoch training, 85.4% test
     accuracy) at 90% uniform sparsity with 1024 samples, one CPU thread: block 64 / 16 steps gives
     82.7% in 32 s; block 128 / 4 steps 73.7% in 32 s; block 64 / 4 steps 74.2% in 21 s; one step

@@ -4,6 +4,12 @@ For every ``nn.Linear`` / ``nn.Conv2d`` the dense layer and each usable sparse e
 layer's real input shape (captured from one forward pass of an example batch); the fastest wins,
 the dense layer included. The choice is kept in ``model.sparse_report`` (one dict per layer: engine,
 sparsity, reason, median milliseconds per engine, speed-up over dense).
+
+Hugging Face ``transformers`` models are timed per phase instead: "decode" (one input row: a token
+at batch 1 with the KV cache) and "prefill" (``prefill_tokens`` rows: a prompt), on random inputs of
+the layer's real width; each ``SparseLinear`` keeps the winner of each phase and dispatches on the
+number of input rows at run time (<= ``DECODE_ROWS``: the decode engine). Layers of the same shape,
+sparsity and N:M pattern share one measurement (the report names the layer it was measured on).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from torch import nn
 
 from ..errors import BrainsurgeonError
 from .kernels import SPARSE_ENGINES, CSR, get_engine
-from .modules import SparseConv2d, SparseLinear, conv_unsupported
+from .modules import DECODE_ROWS, SparseConv2d, SparseLinear, conv_unsupported
 
 # Below this sparsity no CPU sparse kernel beats dense BLAS (an index per value at least doubles the
 # bytes per weight read), so such layers stay dense without being timed.
@@ -111,6 +117,42 @@ def _choose(module: nn.Module, x: torch.Tensor, engines: tuple[str, ...], entry:
     return best_module
 
 
+def _choose_phased(module: nn.Linear, phases: dict[str, int], engines: tuple[str, ...], entry: dict, cache: dict,
+                   name: str) -> nn.Module:
+    """Per phase (rows of input), the fastest of dense and ``engines``; one SparseLinear dispatching on rows."""
+    from .kernels import nm_pattern_of
+
+    csr = CSR.from_dense(module.weight)
+    key = (tuple(module.weight.shape), round(csr.sparsity, 3), nm_pattern_of(csr), engines, tuple(phases.items()))
+    if key not in cache:
+        g = torch.Generator().manual_seed(0)
+        winners, times, rejected = {}, {}, {}
+        candidates = {e: SparseLinear(module, e) for e in engines}
+        for phase, rows in phases.items():
+            x = torch.randn(rows, module.in_features, generator=g)
+            with torch.no_grad():
+                ref = module(x)
+                times[phase] = {"dense": _time_ms(lambda: module(x))}
+                for e, cand in candidates.items():
+                    if not _matches(cand(x), ref):
+                        rejected[e] = "output differs from dense"
+                        continue
+                    times[phase][e] = _time_ms(lambda: cand(x))
+            winners[phase] = min(times[phase], key=times[phase].get)
+        cache[key] = (winners, times, rejected, name)
+    winners, times, rejected, measured_on = cache[key]
+    entry.update(engine=dict(winners), times_ms={p: {k: round(v, 4) for k, v in t.items()} for p, t in times.items()},
+                 speedup_vs_dense={p: round(t["dense"] / t[winners[p]], 3) for p, t in times.items()},
+                 dispatch=f"<= {DECODE_ROWS} input rows: decode engine, more: prefill engine",
+                 reason="fastest measured per phase" + ("" if measured_on == name else f" (measured on {measured_on}: "
+                                                                                        "same shape and sparsity)"))
+    if rejected:
+        entry["rejected"] = dict(rejected)
+    if set(winners.values()) == {"dense"}:
+        return module
+    return SparseLinear(module, winners.get("prefill", winners["decode"]), decode_engine=winners["decode"])
+
+
 def _usable_engines(engines, csr: CSR) -> tuple[str, ...]:
     return tuple(n for n in engines if get_engine(n).available() is None and get_engine(n).supports(csr) is None)
 
@@ -123,6 +165,7 @@ def to_sparse(
     engines: tuple[str, ...] | list[str] | None = None,
     engine: str | None = None,
     min_sparsity: float = MIN_SPARSITY,
+    prefill_tokens: int = 512,
 ) -> nn.Module:
     """A copy of ``model`` with pruned Linear/Conv2d layers replaced by sparse modules (inference only).
 
@@ -131,6 +174,9 @@ def to_sparse(
     batch of ``batch_size`` in the model's spec input shape); the fastest is kept. ``engine=`` forces
     one engine on every supported layer without timing. The input model is not modified.
     The copy's ``sparse_report`` says, per layer, the engine chosen, why, and the times measured.
+
+    A transformers model is timed per phase, decode (1 row) and prefill (``prefill_tokens`` rows),
+    and each layer dispatches on its input's row count (see the module docstring).
     """
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"to_sparse needs a torch.nn.Module, got {type(model).__name__}")
@@ -141,11 +187,17 @@ def to_sparse(
         get_engine(n)  # unknown names fail here, before any work
     if engine is not None and (why := get_engine(engine).available()):
         raise BrainsurgeonError(f"engine {engine!r} is not usable here: {why}")
+    if not isinstance(prefill_tokens, int) or prefill_tokens < 2:
+        raise BrainsurgeonError(f"prefill_tokens must be an integer >= 2, got {prefill_tokens!r}")
+    from .hf_dir import is_hf_model
+
+    phased = is_hf_model(model) and engine is None
     work = copy.deepcopy(model).eval()
     layers = {n: m for n, m in work.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
-    example = _example_input(work, example_input, batch_size)
+    example = None if phased else _example_input(work, example_input, batch_size)
     inputs = _capture_inputs(work, layers, example) if example is not None else {}
-    report = {}
+    report, cache = {}, {}
+    phases = {"decode": 1, "prefill": prefill_tokens}
     for name, module in layers.items():
         csr = CSR.from_dense(module.weight)
         entry = {"kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
@@ -161,6 +213,8 @@ def to_sparse(
                 continue
             new = _sparse_module(module, engine)
             entry.update(engine=engine, reason="forced")
+        elif phased and isinstance(module, nn.Linear):
+            new = _choose_phased(module, phases, _usable_engines(names, csr), entry, cache, name)
         else:
             x = inputs.get(name, None)
             new = _choose(module, x if x is not None else _stand_in_input(module, batch_size),

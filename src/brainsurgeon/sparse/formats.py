@@ -9,7 +9,8 @@ whichever of these encodings is smallest for it:
 * ``delta`` -- relative indices as in Deep Compression (Han, Mao, Dally 2016, section 3): each
   non-zero stores the gap from the previous one in the flattened matrix, in 4, 8 or 16 bits; a gap
   wider than the width allows is bridged by a padding entry whose value is 0 (a "filler zero").
-  No row pointers are needed.
+  No row pointers are needed. Fillers also run on to within one gap of the tensor's end, so the
+  stored gaps account for every element: a header cannot declare more elements than its data covers.
 * ``nm`` -- packed N:M: every group of M consecutive inputs of a row keeps at most N weights; store
   exactly N values per group and each value's position in the group in ``ceil(log2 M)`` bits.
 * ``dense`` -- the tensor as it is (biases, BatchNorm statistics, weights that are not sparse enough).
@@ -43,6 +44,7 @@ class Encoded:
     dtype: torch.dtype
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    version: int = 2  # the file format version it was read from (decoding checks differ slightly)
 
     @property
     def nbytes(self) -> int:
@@ -50,6 +52,24 @@ class Encoded:
 
 
 # ----------------------------------------------------------------------------- helpers
+def info_int(info: dict, key: str, *, lo: int | None = None, hi: int | None = None, choices=None) -> int:
+    """A whole number from a header entry, refused (one line) if missing, not an integer or out of range."""
+    v = info.get(key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BrainsurgeonError(f"header field {key!r} is {v!r}, not an integer: the file is damaged")
+    if (choices is not None and v not in choices) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        allowed = f"one of {tuple(choices)}" if choices is not None else f"in [{lo}, {hi}]"
+        raise BrainsurgeonError(f"header field {key!r} is {v}, not {allowed}: the file is damaged")
+    return v
+
+
+def check_shape(shape) -> tuple[int, ...]:
+    """A header shape: a list of non-negative integers (no fractions, no booleans)."""
+    if not isinstance(shape, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+        raise BrainsurgeonError(f"header shape {shape!r} is not a list of non-negative integers: the file is damaged")
+    return tuple(shape)
+
+
 def smallest_index_dtype(max_value: int) -> torch.dtype:
     """The narrowest integer dtype of CSR_INDEX_DTYPES that can hold ``max_value`` (>= 0)."""
     for dt in CSR_INDEX_DTYPES:
@@ -110,8 +130,14 @@ def encode_csr(t: torch.Tensor) -> Encoded:
 
 def decode_csr(e: Encoded) -> torch.Tensor:
     rows, cols = e.shape[0], math.prod(e.shape[1:])
-    values, row_ptr, col_idx = e.parts["values"], e.parts["row_ptr"].long(), e.parts["col_idx"].long()
+    values, row_ptr, col_idx = e.parts["values"], e.parts["row_ptr"], e.parts["col_idx"]
     nnz = values.numel()
+    # the writer uses the narrowest index types: so the column type bounds the declared width, and the
+    # row pointers the height, before anything of the declared size is allocated
+    if col_idx.dtype != smallest_index_dtype(max(cols - 1, 0)) or row_ptr.dtype != smallest_index_dtype(nnz):
+        raise BrainsurgeonError(f"CSR index types ({row_ptr.dtype}, {col_idx.dtype}) do not fit the declared "
+                                f"{rows} x {cols} matrix with {nnz} values")
+    row_ptr, col_idx = row_ptr.long(), col_idx.long()
     if row_ptr.numel() != rows + 1 or col_idx.numel() != nnz:
         raise BrainsurgeonError(f"CSR arrays have inconsistent lengths ({row_ptr.numel()} row pointers for {rows} rows, "
                                 f"{col_idx.numel()} column indices for {nnz} values)")
@@ -119,6 +145,10 @@ def decode_csr(e: Encoded) -> torch.Tensor:
         raise BrainsurgeonError("CSR row pointers are not a non-decreasing sequence from 0 to the number of values")
     if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= cols):
         raise BrainsurgeonError(f"CSR column indices fall outside 0..{cols - 1}")
+    row_start = torch.zeros(nnz, dtype=torch.bool)
+    row_start[row_ptr[:-1][row_ptr[:-1] < nnz]] = True
+    if nnz > 1 and not bool(((col_idx[1:] > col_idx[:-1]) | row_start[1:]).all()):
+        raise BrainsurgeonError("CSR column indices repeat or are out of order within a row (two values for one weight)")
     out = torch.zeros(rows, cols, dtype=e.dtype)
     row_of = torch.repeat_interleave(torch.arange(rows), row_ptr[1:] - row_ptr[:-1])
     out[row_of, col_idx] = values
@@ -145,10 +175,16 @@ def _delta_entries(flat_positions: np.ndarray, bits: int) -> tuple[np.ndarray, n
     return out, real
 
 
-def delta_size(flat_positions: np.ndarray, bits: int, value_bytes: int) -> int:
+def _trailing_fillers(flat_positions: np.ndarray, numel: int, bits: int) -> int:
+    """Fillers of gap ``cap`` after the last non-zero, so that fewer than ``cap`` elements stay uncovered."""
+    last = int(flat_positions[-1]) if len(flat_positions) else -1
+    return (numel - 1 - last) // ((1 << bits) - 1)
+
+
+def delta_size(flat_positions: np.ndarray, bits: int, value_bytes: int, numel: int) -> int:
     cap = (1 << bits) - 1
     gaps = np.diff(np.concatenate([[-1], flat_positions]))
-    entries = len(gaps) + int(((gaps - 1) // cap).sum())
+    entries = len(gaps) + int(((gaps - 1) // cap).sum()) + _trailing_fillers(flat_positions, numel, bits)
     return entries * value_bytes + math.ceil(entries * bits / 8)
 
 
@@ -156,6 +192,9 @@ def encode_delta(t: torch.Tensor, bits: int) -> Encoded:
     flat = t.detach().cpu().reshape(-1)
     pos = _np((flat != 0).nonzero().reshape(-1))
     gaps, real = _delta_entries(pos, bits)
+    tail = _trailing_fillers(pos, flat.numel(), bits)
+    gaps = np.concatenate([gaps, np.full(tail, (1 << bits) - 1, dtype=np.int64)])
+    real = np.concatenate([real, np.zeros(tail, dtype=bool)])
     values = torch.zeros(len(gaps), dtype=t.dtype)
     values[torch.from_numpy(real)] = flat[flat != 0]
     if bits < 8:
@@ -170,9 +209,12 @@ def encode_delta(t: torch.Tensor, bits: int) -> Encoded:
 
 
 def decode_delta(e: Encoded) -> torch.Tensor:
-    bits, entries = int(e.info["bits"]), int(e.info["entries"])
+    bits = info_int(e.info, "bits", choices=DELTA_BITS)
+    entries = info_int(e.info, "entries", lo=0)
     values = e.parts["values"]
     raw = _np(e.parts["gaps"])
+    if raw.dtype != (np.int16 if bits == 16 else np.uint8):
+        raise BrainsurgeonError(f"{bits}-bit delta gaps are stored as {raw.dtype}: the file is damaged")
     if values.numel() != entries:
         raise BrainsurgeonError(f"delta-coded tensor holds {values.numel()} values, its header says {entries}")
     if bits < 8:
@@ -187,6 +229,12 @@ def decode_delta(e: Encoded) -> torch.Tensor:
     pos = np.cumsum(gaps) - 1
     if entries and pos[-1] >= n:
         raise BrainsurgeonError(f"delta-coded positions run past the tensor's {n} elements")
+    last = int(pos[-1]) if entries else -1
+    # checked before allocating: a header declaring more elements than the gaps cover is refused
+    # (version 1 wrote no trailing fillers: there, at most 65536 elements per stored entry)
+    uncovered = (1 << bits) - 1 if e.version >= 2 else (1 << 16) * max(entries, 1)
+    if n - 1 - last >= uncovered:
+        raise BrainsurgeonError(f"the header declares {n} elements, but the delta-coded data covers only {last + 1}")
     out = torch.zeros(n, dtype=e.dtype)
     out[torch.from_numpy(pos)] = values  # fillers write their 0 where the weight is 0 anyway
     return out.reshape(e.shape)
@@ -231,7 +279,9 @@ def encode_nm(t: torch.Tensor, n: int, m: int) -> Encoded:
 
 
 def decode_nm(e: Encoded) -> torch.Tensor:
-    n, m, width = int(e.info["n"]), int(e.info["m"]), int(e.info["bits"])
+    m = info_int(e.info, "m", lo=2, hi=256)
+    n = info_int(e.info, "n", lo=1, hi=m)
+    width = info_int(e.info, "bits", choices=(_packed_width(math.ceil(math.log2(m))),))
     rows, cols = e.shape[0], math.prod(e.shape[1:])
     if cols % m or not (0 < n <= m):
         raise BrainsurgeonError(f"an N:M encoding with N={n}, M={m} does not fit rows of {cols} inputs")
@@ -243,6 +293,8 @@ def decode_nm(e: Encoded) -> torch.Tensor:
     pos = unpack_bits(raw, width, count) if width < 8 else raw[:count]
     if len(pos) != count or (count and int(pos.max()) >= m):
         raise BrainsurgeonError(f"N:M positions are missing or fall outside a group of {m}")
+    if n > 1 and count and bool((np.diff(np.sort(pos.reshape(-1, n), axis=1), axis=1) == 0).any()):
+        raise BrainsurgeonError("N:M positions repeat within a group (two values for one weight)")
     out = torch.zeros(rows, cols // m, m, dtype=e.dtype)
     out.scatter_(-1, torch.from_numpy(pos.astype(np.int64)).reshape(rows, cols // m, n), values.reshape(rows, cols // m, n))
     return out.reshape(e.shape)
@@ -253,25 +305,39 @@ def encode_dense(t: torch.Tensor) -> Encoded:
     return Encoded("dense", tuple(t.shape), t.dtype, {"data": t.detach().cpu().contiguous()})
 
 
-def encode_best(t: torch.Tensor) -> Encoded:
+# Bytes a file spends per stored array besides its data (its safetensors header entry) and per
+# sparse tensor (its entry in the tensor table): for small tensors this decides, so it is counted.
+PART_OVERHEAD = 64
+TABLE_OVERHEAD = 96
+
+
+def stored_size(e: Encoded, name: str = "") -> int:
+    """The bytes ``e`` costs in a file: data plus header entries (a dense tensor has no table entry)."""
+    table = 0 if e.encoding == "dense" else TABLE_OVERHEAD + len(name)
+    return e.nbytes + len(e.parts) * (PART_OVERHEAD + len(name)) + table
+
+
+def encode_best(t: torch.Tensor, name: str = "") -> Encoded:
     """Encode ``t`` in the smallest of dense / CSR / delta (4, 8, 16 bits) / packed N:M.
 
+    Sizes count the header entries too, so a small tensor is never stored larger than dense.
     Only floating tensors of two or more dimensions (weights) are candidates for a sparse encoding.
     """
     dense = encode_dense(t)
     if t.dim() < 2 or not t.is_floating_point() or t.numel() == 0:
         return dense
     candidates = [dense, encode_csr(t)]
+    best = lambda: min(stored_size(c, name) for c in candidates)  # noqa: E731
     pos = _np((t.reshape(-1) != 0).nonzero().reshape(-1))
-    sizes = {bits: delta_size(pos, bits, t.element_size()) for bits in DELTA_BITS}
+    sizes = {bits: delta_size(pos, bits, t.element_size(), t.numel()) for bits in DELTA_BITS}
     best_bits = min(sizes, key=sizes.get)
-    if sizes[best_bits] < min(c.nbytes for c in candidates):
+    if sizes[best_bits] + 2 * PART_OVERHEAD < best():
         candidates.append(encode_delta(t, best_bits))
     for m in NM_GROUP_SIZES:
         n = nm_pattern(t, m)
-        if n is not None and n < m and nm_size(t, max(n, 1), m) < min(c.nbytes for c in candidates):
+        if n is not None and n < m and nm_size(t, max(n, 1), m) + 2 * PART_OVERHEAD < best():
             candidates.append(encode_nm(t, max(n, 1), m))
-    return min(candidates, key=lambda c: c.nbytes)
+    return min(candidates, key=lambda c: stored_size(c, name))
 
 
 DECODERS = {"csr": decode_csr, "delta": decode_delta, "nm": decode_nm, "dense": lambda e: e.parts["data"]}

@@ -207,8 +207,13 @@ class NumbaCSREngine(Engine):
 
         if self.threads is not None:
             return self.threads
-        n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        numba.set_num_threads(n)
+        want = torch.get_num_threads()
+        n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        if torch.get_num_threads() != want:
+            # numba's OpenMP layer, when it starts, resets the OpenMP thread count torch shares with it
+            torch.set_num_threads(want)
         return n
 
     def apply(self, state: NumbaCSR, xt):
@@ -231,10 +236,114 @@ class NumbaCSREngine(Engine):
         return torch.from_numpy(yt)
 
 
+def nm_pattern_of(csr: CSR, group_sizes=(4, 8, 16)) -> tuple[int, int] | None:
+    """``(N, M)``, both powers of two with N <= M / 2, if every group of M inputs holds at most N non-zeros."""
+    if csr.nnz == 0:
+        return None
+    nz = csr.to_dense() != 0
+    for m in group_sizes:
+        if csr.shape[1] % m:
+            continue
+        n = int(nz.reshape(csr.shape[0], -1, m).sum(-1).max())
+        n = 1 << max(n - 1, 0).bit_length()  # round up to a power of two (the kernel shifts instead of dividing)
+        if n <= m // 2:
+            return n, m
+    return None
+
+
+@dataclass
+class NumbaNM:
+    values: np.ndarray  # (rows, in / M * N) float32
+    offsets: np.ndarray  # (rows, in / M * N) uint8: each value's offset in its group of M
+    shift_n: int
+    shift_m: int
+    rows: int
+
+
+class NumbaNMEngine(NumbaCSREngine):
+    """Packed N:M (2:4, 4:8, ...): N values and N one-byte offsets per group of M inputs, no row pointers.
+
+    5 bytes per kept float32 weight against CSR's 6 (uint16 columns) and no row-pointer reads; the
+    column of value k is computed with two shifts. Threads as :class:`NumbaCSREngine`.
+    """
+
+    def supports(self, csr: CSR):
+        return None if nm_pattern_of(csr) else "not an N:M pattern (N, M powers of two, N <= M/2)"
+
+    def prepare(self, csr: CSR):
+        from . import _numba_kernels  # noqa: F401  (compile or load the cache now)
+
+        n, m = nm_pattern_of(csr)
+        groups = csr.to_dense().reshape(csr.shape[0], -1, m)
+        # stable sort puts each group's non-zeros first in column order; zeros pad the group up to N
+        order = torch.argsort((groups == 0).to(torch.int8), dim=-1, stable=True)[..., :n]
+        values = torch.gather(groups, -1, order).reshape(csr.shape[0], -1)
+        return NumbaNM(np.ascontiguousarray(values.numpy(), dtype=np.float32),
+                       np.ascontiguousarray(order.reshape(csr.shape[0], -1).numpy().astype(np.uint8)),
+                       n.bit_length() - 1, m.bit_length() - 1, csr.shape[0])
+
+    def apply(self, state: NumbaNM, xt):
+        from . import _numba_kernels as k
+
+        xt_np = xt.contiguous().numpy()
+        n, chunks = xt_np.shape[1], self._chunks()
+        args = (state.shift_n, state.shift_m)
+        if n == 1:
+            y = np.empty(state.rows, dtype=np.float32)
+            if chunks == 1:
+                k.nm_spmv_rows(state.values, state.offsets, xt_np.reshape(-1), y, *args, 0, state.rows)
+            else:
+                k.nm_spmv(state.values, state.offsets, xt_np.reshape(-1), y, *args, chunks)
+            return torch.from_numpy(y).reshape(-1, 1)
+        yt = np.empty((state.rows, n), dtype=np.float32)
+        if chunks == 1:
+            k.nm_spmm_rows(state.values, state.offsets, xt_np, yt, *args, 0, state.rows)
+        else:
+            k.nm_spmm(state.values, state.offsets, xt_np, yt, *args, chunks)
+        return torch.from_numpy(yt)
+
+
+class CudaSemiStructuredEngine(Engine):
+    """2:4 on an NVIDIA GPU: ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores, Ampere+).
+
+    The weight moves to the GPU as a compressed 2:4 tensor; inputs must already be there (the model
+    runs on CUDA). Not measured by this project's benchmarks: no GPU is available to them.
+    """
+
+    name = "cuda_2to4"
+
+    def available(self):
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        if torch.cuda.get_device_capability() < (8, 0):
+            return "2:4 sparse tensor cores need compute capability 8.0 (Ampere) or newer"
+        return None
+
+    def supports(self, csr: CSR):
+        if nm_pattern_of(csr, (4,)) not in ((2, 4), (1, 4)):
+            return "not a 2:4 pattern"
+        if csr.shape[0] % 64 or csr.shape[1] % 64:
+            return f"shape {csr.shape} is not a multiple of 64 (the semi-structured kernels' tile)"
+        return None
+
+    def prepare(self, csr: CSR):
+        from torch.sparse import to_sparse_semi_structured
+
+        return to_sparse_semi_structured(csr.to_dense().to("cuda"))
+
+    def apply(self, state, xt):
+        n = xt.shape[1]
+        pad = (-n) % 16  # the dense operand's columns: a multiple of the kernel's tile
+        xt = torch.nn.functional.pad(xt.to(state.device), (0, pad)) if pad else xt.to(state.device)
+        return (state @ xt)[:, :n]
+
+
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     DenseEngine(), TorchCSREngine(), TorchBSREngine(), MKLEngine(),
-    NumbaCSREngine("numba_csr", None), NumbaCSREngine("numba_csr_serial", 1))}
-SPARSE_ENGINES = ("numba_csr", "numba_csr_serial", "mkl", "torch_csr", "torch_bsr")
+    NumbaCSREngine("numba_csr", None), NumbaCSREngine("numba_csr_serial", 1),
+    NumbaNMEngine("numba_nm", None), NumbaNMEngine("numba_nm_serial", 1), CudaSemiStructuredEngine())}
+SPARSE_ENGINES = ("numba_csr", "numba_csr_serial", "numba_nm", "numba_nm_serial", "mkl", "torch_csr", "torch_bsr",
+                  "cuda_2to4")
 
 
 def get_engine(name: str) -> Engine:

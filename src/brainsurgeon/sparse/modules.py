@@ -1,6 +1,10 @@
 """Inference-only sparse replacements for pruned ``nn.Linear`` and ``nn.Conv2d`` layers.
 
 Each keeps its pruned weight as CSR and computes ``W @ X^T`` with one engine of :mod:`.kernels`.
+A ``SparseLinear`` may hold two: one for calls with at most ``decode_rows`` input rows (decoding a
+token at batch 1 is one row: a matrix-vector product) and one for more (a prompt's hundreds of rows:
+a matrix-matrix product), because the fastest engine differs between the two; "dense" may be
+either, in which case the dense weight is kept as well and ``F.linear`` runs.
 A convolution is lowered to that product by unfolding its input into patches (im2col): for an
 input (B, C, H, W) the patches form ``X^T`` of shape (C*kh*kw, B*L), L output positions, and the
 sparse weight (out x C*kh*kw) multiplies them directly. The unfold costs memory and time that a
@@ -18,26 +22,40 @@ from torch import nn
 from .kernels import CSR, get_engine
 
 
-class SparseModule(nn.Module):
-    """Common part: the CSR weight, the engine's prepared state, the bias."""
+DECODE_ROWS = 8  # calls with at most this many input rows use the decode engine
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str):
+
+class SparseModule(nn.Module):
+    """Common part: the CSR weight, the engines' prepared states, the bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str,
+                 decode_engine: str | None = None, decode_rows: int = DECODE_ROWS):
         super().__init__()
         self.weight_shape = tuple(weight.shape)
         self.csr = CSR.from_dense(weight)
         self.engine = engine
-        self._state = get_engine(engine).prepare(self.csr)
+        self.decode_engine = decode_engine or engine
+        self.decode_rows = decode_rows
+        self._prepare()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    def _prepare(self) -> None:
+        self._states = {e: get_engine(e).prepare(self.csr) for e in {self.engine, self.decode_engine} if e != "dense"}
+        uses_dense = "dense" in (self.engine, self.decode_engine)
+        self._dense_weight = self.csr.to_dense().reshape(self.weight_shape) if uses_dense else None
+
     def __deepcopy__(self, memo):
-        # torch's sparse tensors and scipy/numba states do not all deep-copy: rebuild the state instead
+        # torch's sparse tensors and scipy/numba states do not all deep-copy: rebuild the states instead
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key != "_state":
+            if key not in ("_states", "_dense_weight"):
                 new.__dict__[key] = copy.deepcopy(value, memo)
-        new._state = get_engine(new.engine).prepare(new.csr)
+        new._prepare()
         return new
+
+    def engine_for(self, rows: int) -> str:
+        return self.decode_engine if rows <= self.decode_rows else self.engine
 
     def dense_parameters(self) -> dict[str, torch.Tensor]:
         """``weight`` (and ``bias``) as the dense layer held them, for saving and ONNX export."""
@@ -54,16 +72,22 @@ class SparseModule(nn.Module):
 
     def matmul_t(self, xt: torch.Tensor) -> torch.Tensor:
         """``W @ xt`` for ``xt`` of shape (in, n), float32."""
+        engine = self.engine_for(xt.shape[1])
         with torch.no_grad():
-            return get_engine(self.engine).apply(self._state, xt.to(torch.float32))
+            if engine == "dense":
+                return self._dense_weight.reshape(self.weight_shape[0], -1) @ xt.to(torch.float32)
+            return get_engine(engine).apply(self._states[engine], xt.to(torch.float32))
 
     def extra_repr(self) -> str:
-        return f"shape={self.weight_shape}, nnz={self.csr.nnz}, sparsity={self.csr.sparsity:.3f}, engine={self.engine}"
+        engines = self.engine if self.decode_engine == self.engine else \
+            f"{self.decode_engine} (<= {self.decode_rows} rows) / {self.engine}"
+        return f"shape={self.weight_shape}, nnz={self.csr.nnz}, sparsity={self.csr.sparsity:.3f}, engine={engines}"
 
 
 class SparseLinear(SparseModule):
-    def __init__(self, linear: nn.Linear, engine: str = "numba_csr"):
-        super().__init__(linear.weight, linear.bias, engine)
+    def __init__(self, linear: nn.Linear, engine: str = "numba_csr", decode_engine: str | None = None,
+                 decode_rows: int = DECODE_ROWS):
+        super().__init__(linear.weight, linear.bias, engine, decode_engine, decode_rows)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def _dense_layer(self) -> nn.Linear:
@@ -71,6 +95,8 @@ class SparseLinear(SparseModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.engine_for(x.numel() // max(self.in_features, 1)) == "dense":
+            return F.linear(x, self._dense_weight, self.bias)
         xt = x.reshape(-1, self.in_features).t()
         y = self.matmul_t(xt).t()
         if self.bias is not None:

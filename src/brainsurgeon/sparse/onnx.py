@@ -8,6 +8,7 @@ Sparse modules (from ``to_sparse``) are turned back into dense layers first.
 from __future__ import annotations
 
 import copy
+import inspect
 import statistics
 import time
 import warnings
@@ -92,3 +93,123 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
         "max_abs_diff": diff, "max_rel_diff": diff / scale,
         "torch_ms": torch_ms, "onnxruntime_ms": _median_ms(lambda: session.run(None, feed), repeats),
     }
+
+
+# ----------------------------------------------------------------------------- transformers causal LMs
+class _CausalStep(nn.Module):
+    """One call of a causal LM with its KV cache as plain tensors: the graph ``export_hf_onnx`` writes.
+
+    Inputs ``input_ids`` (1 x q), ``position_ids`` (1 x q) and per layer ``past_k_i``, ``past_v_i``
+    (1 x kv_heads x p x head_dim; p may be 0: then the call is a prefill); outputs ``logits``
+    (1 x q x vocab) and ``present_k_i``, ``present_v_i`` (p + q positions).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        # transformers >= 5.2x names the cache argument and output field "cache", earlier "past_key_values"
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{key: cache})
+        present = []
+        for layer in getattr(out, key).layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _kv_shape(config) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+class OrtCausalLM:
+    """Greedy decoding with onnxruntime on a graph from :func:`export_hf_onnx` (batch 1, KV cache)."""
+
+    def __init__(self, path: str | Path, config, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.layers, (self.kv_heads, self.head_dim) = config.num_hidden_layers, _kv_shape(config)
+
+    def step(self, ids: np.ndarray, start: int, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        pos = np.arange(start, start + ids.shape[1], dtype=np.int64)[None]
+        out = self.session.run(None, dict(zip(self.names, [ids.astype(np.int64), pos, *past])))
+        return out[0], out[1:]
+
+    def empty_past(self) -> list[np.ndarray]:
+        return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
+
+    def greedy(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float]]:
+        """The prompt followed by ``new_tokens`` greedy tokens, and each decode step's seconds."""
+        logits, past = self.step(prompt.numpy(), 0, self.empty_past())
+        tokens, times = [int(logits[0, -1].argmax())], []
+        for i in range(new_tokens - 1):
+            t0 = time.perf_counter()
+            logits, past = self.step(np.array([[tokens[-1]]]), prompt.shape[1] + i, past)
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(logits[0, -1].argmax()))
+        return torch.cat([prompt, torch.tensor([tokens])], dim=1), times
+
+
+def export_hf_onnx(model: nn.Module, path: str | Path, *, prompt_tokens: int = 8, opset: int = 17) -> dict:
+    """Export a transformers causal LM (sparse modules made dense) as one step with its KV cache.
+
+    The graph serves prefill (empty past) and decode (one token). It is checked against PyTorch on
+    the same inputs, a prefill of ``prompt_tokens`` and one decode step after it: logits must agree to
+    1e-4 of the largest. Uses the TorchScript exporter (``dynamo=False``): torch.export cannot trace
+    transformers' cache object here.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise BrainsurgeonError("ONNX export needs onnx and onnxruntime: pip install 'brainsurgeon[onnx]'") from e
+    config = model.config
+    if not getattr(config, "num_hidden_layers", None) or not hasattr(model, "generate"):
+        raise BrainsurgeonError(f"{type(model).__name__} is not a causal language model: ONNX export of "
+                                "transformers models covers causal LMs (decoder with a KV cache)")
+    step = _CausalStep(to_dense(model).eval().float())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (1, prompt_tokens + 1), generator=g)
+    kv_heads, head_dim = _kv_shape(config)
+    empty = [torch.zeros(1, kv_heads, 0, head_dim) for _ in range(2 * step.layers)]
+    names = [f"past_{k}_{i}" for i in range(step.layers) for k in ("k", "v")]
+    with torch.no_grad():
+        prefill = step(ids[:, :prompt_tokens], torch.arange(prompt_tokens)[None], *empty)
+        past = list(prefill[1:])
+        # traced on a 2-token step after a cache, so the causal mask is built by graph ops (any q, any p)
+        example = (ids[:, prompt_tokens - 1:prompt_tokens + 1], torch.arange(prompt_tokens - 1, prompt_tokens + 1)[None],
+                   *[t[:, :, :prompt_tokens - 1] for t in past])
+        decode = step(ids[:, prompt_tokens:], torch.tensor([[prompt_tokens]]), *past)
+    dynamic = {"input_ids": {1: "tokens"}, "position_ids": {1: "tokens"}, **{n: {2: "past"} for n in names}}
+    with atomic_path(Path(path)) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(step, example, str(tmp), dynamo=False, opset_version=opset,
+                              input_names=["input_ids", "position_ids", *names],
+                              output_names=["logits", *[n.replace("past", "present") for n in names]],
+                              dynamic_axes=dynamic)
+        except Exception as e:
+            raise BrainsurgeonError(f"torch.onnx.export could not export this model: {str(e).splitlines()[0][:300]}") from e
+    ort_lm = OrtCausalLM(path, config)
+    diffs = {}
+    for phase, (q_ids, start, p, ref) in {"prefill": (ids[:, :prompt_tokens], 0, ort_lm.empty_past(), prefill),
+                                         "decode": (ids[:, prompt_tokens:], prompt_tokens, [t.numpy() for t in past], decode)}.items():
+        logits, _ = ort_lm.step(q_ids.numpy(), start, p)
+        diff, scale = float(np.abs(logits - ref[0].numpy()).max()), float(ref[0].abs().max()) or 1.0
+        if diff > ONNX_RTOL * scale:
+            raise BrainsurgeonError(f"onnxruntime's {phase} logits differ from PyTorch's by {diff:.3g} (scale {scale:.3g})")
+        diffs[phase] = diff
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "opset": opset, "inputs": ["input_ids", "position_ids", *names],
+            "max_abs_diff": max(diffs.values()), "max_abs_diff_per_phase": diffs,
+            "max_rel_diff": max(diffs.values()) / (float(prefill[0].abs().max()) or 1.0)}

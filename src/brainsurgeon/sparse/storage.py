@@ -1,17 +1,22 @@
 """``bs.save`` / ``bs.load``: pruned models in one safetensors file, sparse or dense.
 
-File layout (format version 1). Metadata, all strings:
+File layout (format version 2). Metadata, all strings:
 
 * ``brainsurgeon.format``: ``brainsurgeon-sparse`` or ``brainsurgeon-dense``;
-* ``brainsurgeon.format_version``: ``"1"``; a reader refuses a newer version;
+* ``brainsurgeon.format_version``: ``"2"``; a reader refuses a newer version and still reads 1;
 * ``brainsurgeon.spec``: the architecture spec (JSON), when known (the key ``io.load_model`` reads);
-* ``brainsurgeon.tensors``: per state-dict entry its encoding, shape, dtype and decoding facts (JSON);
-* ``brainsurgeon.checksum``: SHA-256 over every stored array (name, dtype, shape, bytes), so a damaged
-  file is refused instead of loading wrong weights.
+* ``brainsurgeon.tensors``: per sparse-encoded entry its encoding, shape, dtype and decoding facts
+  (JSON); an array without ``::`` in its name and not in the table is a dense entry, stored as is;
+* ``brainsurgeon.checksum``: SHA-256 over every other metadata string and every stored array (name,
+  dtype, shape, bytes), so a damaged or edited file is refused instead of loading wrong weights.
+  (Version 1 listed dense entries in the table too, and its checksum covered the arrays only.)
 
 Sparse files store each entry ``NAME`` as arrays ``NAME::PART`` (see :mod:`.formats`); dense files
 store the plain state dict, so ``io.load_model`` and any safetensors reader can read them too.
-Nothing is ever unpickled.
+Every header field is validated, and declared shapes are checked against the stored arrays' sizes
+before a tensor of that shape is allocated. Nothing is ever unpickled.
+
+A Hugging Face ``transformers`` model is saved as a directory instead (:mod:`.hf_dir`).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ FORMAT_KEY = "brainsurgeon.format"
 VERSION_KEY = "brainsurgeon.format_version"
 TENSORS_KEY = "brainsurgeon.tensors"
 CHECKSUM_KEY = "brainsurgeon.checksum"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMATS = {"sparse": "brainsurgeon-sparse", "dense": "brainsurgeon-dense"}
 PART_SEP = "::"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -48,8 +53,12 @@ def _dtype_name(dt: torch.dtype) -> str:
     return name
 
 
-def _checksum(arrays: dict[str, torch.Tensor]) -> str:
+def _checksum(arrays: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """SHA-256 of the metadata (but the checksum itself; None: version 1, arrays only) and the arrays."""
     h = hashlib.sha256()
+    for key in sorted(meta or {}):
+        if key != CHECKSUM_KEY:
+            h.update(f"{len(key)}:{key}={len(meta[key])}:{meta[key]}\n".encode())
     for key in sorted(arrays):
         t = arrays[key].contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -77,41 +86,69 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- save
-def save(model: nn.Module, path: str | Path, format: str = "sparse", *, spec: dict | None = None) -> dict:
+def save(model: nn.Module, path: str | Path, format: str = "sparse", *, spec: dict | None = None,
+         tokenizer=None, shard_bytes: int | None = None) -> dict:
     """Save ``model`` to one safetensors file; returns sizes (bytes, bytes per non-zero) and encodings.
 
     ``format="sparse"`` stores each weight in its smallest encoding (CSR, delta-coded, packed N:M or
     dense); ``format="dense"`` the plain state dict. The architecture spec comes from ``spec=`` or
     ``model.brainsurgeon_spec``; without one, :func:`load` needs a template ``model=``.
+
+    A transformers model is saved as a directory instead (:mod:`.hf_dir`): config, sparse shards of
+    at most ``shard_bytes`` dense bytes each, and ``tokenizer`` (or the tokenizer files of the
+    directory the model was loaded from); ``format="dense"`` writes a plain ``save_pretrained`` one.
     """
     if format not in FORMATS:
         raise BrainsurgeonError(f"unknown storage format {format!r}; choose one of {sorted(FORMATS)}")
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"bs.save needs a torch.nn.Module, got {type(model).__name__}")
-    spec = model_spec(model, spec)
+    from . import hf_dir
+
+    if hf_dir.is_hf_model(model):
+        return hf_dir.save_dir(model, path, format=format, tokenizer=tokenizer,
+                               shard_bytes=shard_bytes or hf_dir.SHARD_BYTES)
+    if tokenizer is not None or shard_bytes is not None:
+        raise BrainsurgeonError("tokenizer= and shard_bytes= apply to Hugging Face models only")
+    if Path(path).is_dir():
+        raise BrainsurgeonError(f"{path} is a directory, but this model is saved as one file: give a file path "
+                                "such as model.safetensors (only Hugging Face models are saved as directories)")
     state = dense_state(model)
-    arrays, table = {}, {}
-    for name, t in state.items():
-        if PART_SEP in name:
-            raise BrainsurgeonError(f"state-dict entry {name!r} contains {PART_SEP!r}, which the sparse format reserves")
-        enc = formats.encode_best(t) if format == "sparse" else formats.encode_dense(t)
-        table[name] = {"encoding": enc.encoding, "shape": list(enc.shape), "dtype": _dtype_name(t.dtype), **enc.info}
-        if enc.encoding == "dense":
-            arrays[name] = enc.parts["data"]
-        else:
-            arrays.update({f"{name}{PART_SEP}{p}": a.contiguous() for p, a in enc.parts.items()})
-    meta = {FORMAT_KEY: FORMATS[format], VERSION_KEY: str(FORMAT_VERSION),
-            TENSORS_KEY: json.dumps(table), CHECKSUM_KEY: _checksum(arrays)}
-    if spec is not None:
-        meta[SPEC_KEY] = json.dumps(spec)
+    arrays, table, encodings = encode_state(state, format)
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=meta)
-    return size_report(state, Path(path).stat().st_size, table, format)
+        save_file(arrays, str(tmp), metadata=file_metadata(arrays, table, format, model_spec(model, spec)))
+    return size_report(state, Path(path).stat().st_size, encodings, format)
 
 
-def size_report(state: dict[str, torch.Tensor], file_bytes: int, table: dict, format: str) -> dict:
+def encode_state(state: dict[str, torch.Tensor], format: str) -> tuple[dict, dict, dict]:
+    """The arrays to store, the tensor table (sparse entries only) and each entry's encoding."""
+    arrays, table, encodings = {}, {}, {}
+    for name, t in state.items():
+        if PART_SEP in name:
+            raise BrainsurgeonError(f"state-dict entry {name!r} contains {PART_SEP!r}, which the sparse format reserves")
+        enc = formats.encode_best(t, name) if format == "sparse" else formats.encode_dense(t)
+        encodings[name] = enc.encoding
+        if enc.encoding == "dense":
+            _dtype_name(t.dtype)
+            arrays[name] = enc.parts["data"]
+        else:
+            table[name] = {"encoding": enc.encoding, "shape": list(enc.shape), "dtype": _dtype_name(t.dtype), **enc.info}
+            arrays.update({f"{name}{PART_SEP}{p}": a.contiguous() for p, a in enc.parts.items()})
+    return arrays, table, encodings
+
+
+def file_metadata(arrays: dict, table: dict, format: str, spec: dict | None, extra: dict | None = None) -> dict[str, str]:
+    """The header strings, the checksum (over all of them and the arrays) last."""
+    meta = {FORMAT_KEY: FORMATS[format], VERSION_KEY: str(FORMAT_VERSION), TENSORS_KEY: json.dumps(table)}
+    if spec is not None:
+        meta[SPEC_KEY] = json.dumps(spec)
+    meta.update(extra or {})
+    meta[CHECKSUM_KEY] = _checksum(arrays, meta)
+    return meta
+
+
+def size_report(state: dict[str, torch.Tensor], file_bytes: int, encodings: dict[str, str], format: str) -> dict:
     nonzeros = sum(int((t != 0).sum()) for t in state.values())
     dense_f32 = sum(t.numel() * 4 for t in state.values())
     return {
@@ -121,7 +158,7 @@ def size_report(state: dict[str, torch.Tensor], file_bytes: int, table: dict, fo
         "ratio_to_dense": file_bytes / max(dense_f32, 1),
         "nonzeros": nonzeros,
         "bytes_per_nonzero": file_bytes / max(nonzeros, 1),
-        "encodings": {k: v["encoding"] for k, v in table.items()},
+        "encodings": dict(encodings),
     }
 
 
@@ -136,10 +173,10 @@ def read_header(path: Path) -> dict[str, str]:
         raise BrainsurgeonError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 
 
-def _check_format(path: Path, meta: dict[str, str]) -> str:
+def _check_format(path: Path, meta: dict[str, str]) -> tuple[str, int]:
     fmt = meta.get(FORMAT_KEY)
     if fmt is None:
-        return "plain"  # a plain state dict, e.g. written by `brainsurgeon train` (io.save_weights)
+        return "plain", 0  # a plain state dict, e.g. written by `brainsurgeon train` (io.save_weights)
     if fmt not in FORMATS.values():
         raise BrainsurgeonError(f"{path} has unknown format {fmt!r}; brainsurgeon reads {sorted(FORMATS.values())}")
     try:
@@ -151,7 +188,7 @@ def _check_format(path: Path, meta: dict[str, str]) -> str:
                                 f"({FORMAT_VERSION}); upgrade brainsurgeon")
     if version < 1:
         raise BrainsurgeonError(f"{path} has invalid format version {version}")
-    return fmt
+    return fmt, version
 
 
 def _read_arrays(path: Path) -> dict[str, torch.Tensor]:
@@ -163,13 +200,23 @@ def _read_arrays(path: Path) -> dict[str, torch.Tensor]:
         raise BrainsurgeonError(f"{path} could not be read (truncated or corrupted?): {e}") from e
 
 
-def _decode_state(path: Path, arrays: dict[str, torch.Tensor], table: dict) -> dict[str, torch.Tensor]:
-    state = {}
+def _decode_state(path: Path, arrays: dict[str, torch.Tensor], table: dict, version: int) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in arrays.items() if PART_SEP not in k and k not in table}  # dense entries
+    owners = {k.split(PART_SEP, 1)[0] for k in arrays if PART_SEP in k}
+    if owners - set(table):
+        raise BrainsurgeonError(f"{path}: arrays {sorted(owners - set(table))[:3]} belong to no tensor in the header: "
+                                "the file is damaged")
     for name, entry in table.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("encoding"), str):
+            raise BrainsurgeonError(f"{path}: the header entry for {name!r} is malformed: the file is damaged")
         try:
-            shape, dtype, encoding = tuple(int(s) for s in entry["shape"]), _DTYPES[entry["dtype"]], entry["encoding"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise BrainsurgeonError(f"{path}: the header entry for {name!r} is malformed ({e}): the file is damaged") from e
+            shape, dtype, encoding = formats.check_shape(entry.get("shape")), _DTYPES[entry["dtype"]], entry["encoding"]
+        except (KeyError, TypeError) as e:
+            raise BrainsurgeonError(f"{path}: the header entry for {name!r} has no valid dtype ({e}): the file is damaged") from e
+        except BrainsurgeonError as e:
+            raise BrainsurgeonError(f"{path}: tensor {name!r}: {e}") from e
+        if encoding != "dense" and not shape:
+            raise BrainsurgeonError(f"{path}: tensor {name!r} is {encoding}-encoded but has no dimensions: the file is damaged")
         if encoding == "dense":
             parts = {"data": arrays.get(name)} if name in arrays else {}
         else:
@@ -177,11 +224,12 @@ def _decode_state(path: Path, arrays: dict[str, torch.Tensor], table: dict) -> d
             parts = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
         info = {k: v for k, v in entry.items() if k not in ("encoding", "shape", "dtype")}
         try:
-            state[name] = formats.decode(formats.Encoded(encoding, shape, dtype, parts, info))
+            state[name] = formats.decode(formats.Encoded(encoding, shape, dtype, parts, info, version))
         except BrainsurgeonError as e:
             raise BrainsurgeonError(f"{path}: tensor {name!r}: {e}") from e
-        except (RuntimeError, IndexError, ValueError) as e:
-            raise BrainsurgeonError(f"{path}: tensor {name!r} cannot be decoded ({e}): the file is damaged") from e
+        except (RuntimeError, IndexError, ValueError, TypeError, OverflowError) as e:
+            raise BrainsurgeonError(f"{path}: tensor {name!r} cannot be decoded ({str(e).splitlines()[0][:200]}): "
+                                    "the file is damaged") from e
     return state
 
 
@@ -190,18 +238,23 @@ def load_file_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
     path = Path(path)
     if not path.is_file():
         raise BrainsurgeonError(f"model file {path} does not exist")
+    state, meta = load_file_arrays(path)
+    return state, (_parse_json(path, meta, SPEC_KEY) if SPEC_KEY in meta else None)
+
+
+def load_file_arrays(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The decoded (dense) tensors of one file and its metadata, after the format and checksum checks."""
     meta = read_header(path)
-    fmt = _check_format(path, meta)
+    fmt, version = _check_format(path, meta)
     arrays = _read_arrays(path)
-    spec = _parse_json(path, meta, SPEC_KEY) if SPEC_KEY in meta else None
     if fmt == "plain":
-        return arrays, spec
-    if CHECKSUM_KEY not in meta or _checksum(arrays) != meta[CHECKSUM_KEY]:
+        return arrays, meta
+    if CHECKSUM_KEY not in meta or _checksum(arrays, meta if version >= 2 else None) != meta[CHECKSUM_KEY]:
         raise BrainsurgeonError(f"{path} fails its checksum: the file is corrupted; save the model again")
     table = _parse_json(path, meta, TENSORS_KEY)
     if not isinstance(table, dict):
         raise BrainsurgeonError(f"{path}: the tensor table is malformed: the file is damaged")
-    return _decode_state(path, arrays, table), spec
+    return _decode_state(path, arrays, table, version), meta
 
 
 def _parse_json(path: Path, meta: dict, key: str):
@@ -218,6 +271,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     template of the same architecture) a copy of it receives the weights; the template is untouched.
     A template whose spec or parameter shapes differ from the file's is refused.
     """
+    from . import hf_dir
+
+    if Path(path).is_dir():
+        return hf_dir.load_dir(path, model=model)
     state, spec = load_file_state(path)
     if model is None:
         if spec is None:

@@ -69,6 +69,19 @@ def slice_module(module: nn.Module, axis: int, drop: set[int]) -> None:
 
 
 def compact(groups: GroupSet, keep: dict[str, torch.Tensor]) -> None:
-    """Slice the model the groups were built on in place (the engine passes its working copy)."""
+    """Slice the model the groups were built on in place (the engine passes its working copy).
+
+    Tied weights (one tensor held by several modules) are sliced identically in every holder
+    (``build_groups`` holds other ties fixed) and tied again afterwards: still one parameter."""
+    modules = {id(m.module): m.module for g in groups for m in g.members}
+    ties: dict[int, list[nn.Module]] = {}
+    for m in modules.values():
+        if isinstance(getattr(m, "weight", None), torch.Tensor):
+            ties.setdefault(id(m.weight), []).append(m)
     for (_, axis), (module, drop) in dropped_positions(groups, keep).items():
         slice_module(module, axis, drop)
+    for holders in ties.values():
+        for other in holders[1:]:
+            if not torch.equal(other.weight, holders[0].weight):  # a bug: build_groups checks the slices
+                raise RuntimeError("a tied weight was sliced differently in its holders")
+            other.weight = holders[0].weight

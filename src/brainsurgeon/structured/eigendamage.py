@@ -30,16 +30,19 @@ used, so a layer only changes form when that lowers its parameter count. The glo
 is found by bisection so that the target layers' weights shrink by ``sparsity`` (counted in the
 final model, rotations included).
 
-Departures from the paper, and why: (1) for a conv the input factor is over *channels*
-(A = (1/N) sum_n sum_positions x x^T of the input feature map), as in the paper's conv
-decomposition into 1x1 - kxk - 1x1 convolutions; the K-FAC (KFC) convention of
-:mod:`brainsurgeon.curvature.kfac` is kept for S (mean over output positions). (2) the bias is
+Departures from the paper, and why: (1) for a conv the input factor is over *channels*, as in
+the paper's conv decomposition into 1x1 - kxk - 1x1 convolutions: A = the per-tap average of KFC's
+patch factor, (1/N) sum_n sum_t (1/(kh kw)) sum_k x_ntk x_ntk^T over the patches at the output
+positions t (as the reference normalises its patches by spatial and patch size; see
+:func:`channel_inputs`), with the KFC convention of :mod:`brainsurgeon.curvature.kfac` for S (mean
+over output positions), so a conv's importances are on the scale of its Fisher. (2) the bias is
 kept outside the rotation (no homogeneous coordinate in A): the first projection then has no
 bias, so it commutes with the next convolution's padding and the decomposition is exact.
 (3) one-shot: the paper iterates prune / fine-tune / recompute.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -80,10 +83,20 @@ class EigenBasis:
 
 
 def channel_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's inputs as rows: (B * positions, C_in) for a conv (feature-map channels, no
-    padding), (B * positions, in) for a Linear."""
+    """Rows whose sum of outer products is the layer's input factor (times N): for a Linear the
+    inputs, (B * positions, in); for a conv the input channels of every tap of every patch the
+    kernel sees at the *output* positions (padding included), scaled by 1/sqrt(kh * kw), so that
+
+        A_ch = (1/N) sum_n sum_t (1/(kh kw)) sum_k x_ntk x_ntk^T        (C_in x C_in),
+
+    the per-tap average of the diagonal blocks of KFC's patch factor A = (1/N) sum_n sum_t a a^T
+    (exactly: tr(A) = kh kw tr(A_ch)). Summing over the H_in W_in input positions instead would
+    inflate a conv's importances by about H_in W_in / (H_out W_out) (5x for stride 2)."""
     if isinstance(module, nn.Conv2d):
-        return x.transpose(1, -1).reshape(-1, x.shape[1])
+        patches = layer_inputs(module, x)  # (B, T_out, C_in * kh * kw), channel-major
+        taps = module.weight[0, 0].numel()
+        rows = patches.reshape(*patches.shape[:2], x.shape[1], taps).transpose(2, 3)  # (B, T, taps, C_in)
+        return rows.reshape(-1, x.shape[1]) / math.sqrt(taps)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -173,28 +186,30 @@ def cheapest_form(module: nn.Module, r_s: int, r_a: int) -> tuple[str, int]:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    # built directly in the model's dtype: float64 weights must not pass through float32
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=weight.device)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
-    return layer.to(dtype=dtype, device=weight.device)
+    return layer
 
 
 def _conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, dtype, pointwise: bool) -> nn.Conv2d:
+    kw = {"bias": bias is not None, "dtype": dtype, "device": weight.device}  # no float32 detour
     if pointwise:
-        layer = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=bias is not None)
+        layer = nn.Conv2d(weight.shape[1], weight.shape[0], 1, **kw)
         weight = weight.reshape(*weight.shape[:2], 1, 1)
     else:
         layer = nn.Conv2d(
             weight.shape[1], weight.shape[0], like.kernel_size, like.stride, like.padding, like.dilation,
-            bias=bias is not None, padding_mode=like.padding_mode,
+            padding_mode=like.padding_mode, **kw,
         )
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
             layer.bias.copy_(bias)
-    return layer.to(dtype=dtype, device=weight.device)
+    return layer
 
 
 def decompose_layer(
@@ -373,6 +388,13 @@ def eigendamage(
                 "weights_before": p.original_params, "weights_after": n_params if pruned else p.original_params,
             }
     bn_report = choose_batchnorm_statistics(work, calib, loss_fn, recalibrate_bn)
+    with ctx.timer("measure"):  # the cost record every structured result has (params, FLOPs, latency)
+        from .latency import compare
+
+        sample = calib.batches[0][0]
+        dense = copy.deepcopy(model).to(opts.device)
+        cost_before, cost_after, speedup = compare(dense, work, tuple(sample.shape[1:]), opts.device, sample.dtype)
+        del dense
     w_before = sum(r["weights_before"] for r in layer_rep.values())
     w_after = sum(r["weights_after"] for r in layer_rep.values())
     work.train(model.training)
@@ -392,6 +414,7 @@ def eigendamage(
             "params_before": params_before, "params_after": count_params(work),
         },
         "layers": layer_rep,
+        "cost": {"before": cost_before, "after": cost_after, "speedup": speedup},
         "timings": {**{f"{k}_s": v for k, v in ctx.timer.seconds.items()}, "total_s": time.perf_counter() - t0},
         "numerics": {"damping": ctx.numerics.damping, "fallbacks": ctx.numerics.fallbacks},
     }

@@ -47,7 +47,13 @@ def prune_channels(
     calibration data: True, False, or "auto" (keep them if they lower the calibration loss; see
     ``batchnorm.choose_batchnorm_statistics``)."""
     from ..engine import PruneResult, _method_class, build_options, resolve_loss, working_context
+    from .transformer_engine import transformer_only
 
+    if transformer_only(method):
+        raise BrainsurgeonError(
+            f"method {method!r} prunes attention heads and FFN neurons of Hugging Face transformers; "
+            f"{type(model).__name__} is not one"
+        )
     t_start = time.perf_counter()
     opts = build_options(
         method, sparsity, "unstructured", allocation, max_layer_sparsity, num_samples, damping, seed, device, batch_size

@@ -337,6 +337,8 @@ def build_groups(
     outputs = _output_layers(dg, names)
     if prunable is None:
         prunable = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    ties = tied_weights(model)
+    prunable = set(prunable) | {h for hs in ties for h in hs if set(hs) & set(prunable)}  # a tie is one target
     groups, fixed = [], {}
     for tp_group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
         group = _translate(tp_group, names, dg)
@@ -361,7 +363,35 @@ def build_groups(
             fixed[group.name] = f"coupled with unselected layers {sorted(producers - chosen)}"
             continue
         groups.append(group)
-    return GroupSet(groups, fixed)
+    return _hold_inconsistent_ties(GroupSet(groups, fixed), ties)
+
+
+def tied_weights(model: nn.Module) -> list[list[str]]:
+    """Names of the modules sharing one ``weight`` tensor (``b.weight = a.weight``), per shared tensor."""
+    by_id: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            by_id.setdefault(id(w), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _hold_inconsistent_ties(gs: GroupSet, ties: list[list[str]]) -> GroupSet:
+    """A tied weight stays one tensor only if every holder is sliced identically (same groups,
+    axes and positions: e.g. two tied producers added together). Otherwise every group touching
+    a holder is held fixed, with the reason."""
+    bad: dict[str, str] = {}
+    for holders in ties:
+        signatures = {
+            h: sorted((g.name, m.axis, tuple(m.positions.tolist())) for g in gs for m in g.members if m.name == h)
+            for h in holders
+        }
+        if len({repr(v) for v in signatures.values()}) > 1:
+            for g in gs:
+                if any(m.name in holders for m in g.members):
+                    bad[g.name] = f"its units would slice the tied weight of {', '.join(holders)} differently per holder"
+    kept = [g for g in gs if g.name not in bad]
+    return GroupSet(kept, {**gs.fixed, **bad})
 
 
 def _output_layers(dg, names: dict[nn.Module, str]) -> set[str]:

@@ -43,7 +43,9 @@ def paired_latency_ms(
     """(median ms of ``models[0]``, median ms of ``models[1]``, median of the per-round ratios
     t0 / t1): each round times both on the same input, the order alternating between rounds;
     stops early after ``budget_s`` (at least 5 rounds)."""
-    x = torch.randn(batch, *sample_shape, device=device, dtype=dtype)
+    # a private generator: timing must not advance the user's global torch RNG
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, *sample_shape, device=device, dtype=dtype, generator=gen)
     # CUDA kernels run asynchronously: wait for them, or the clock measures only the launches
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times: tuple[list[float], list[float]] = ([], [])

@@ -1,0 +1,404 @@
+"""Pruned SmolLM2-135M on CPU: decode and prefill speed, outputs and file sizes (`make bench-llm-inference`).
+
+SmolLM2-135M-Instruct (float32; ``~/.cache/brainsurgeon/smollm2-135m-instruct``) is pruned by
+``bs.prune(..., "sparsegpt")`` at 50%, 70% and 2:4 over the 210 block linears (embeddings / tied
+lm_head untouched), calibrated on Jane Austen's novels. For each pruned model, in the same run and
+interleaved round by round, at 1 and 2 threads:
+
+* decode: greedy tokens/s at batch 1 over 64 new tokens with the KV cache (the prompt's prefill not
+  counted), for dense torch (the pruned weights, dense kernels), ``bs.to_sparse`` and onnxruntime
+  (the same weights, exported by ``export_hf_onnx``); medians over rounds;
+* prefill: one forward of 512 tokens at batch 1 (median ms);
+* outputs: greedy tokens of to_sparse and onnxruntime against dense torch, max |logit difference|;
+* a profile per op class of one decode run (1 thread): where a token's time goes;
+* sizes: the sparse directory (``bs.save``) against the dense ``save_pretrained`` directory.
+
+Pruned models are cached as sparse directories under runs/bench/llm_inference/. Writes section
+"llm-inference" of BENCHMARKS.md; raw numbers in runs/bench/llm_inference.json.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from _record import markdown_table, record_section
+from common import CACHE
+
+import brainsurgeon as bs
+from brainsurgeon.sparse import SparseLinear
+from brainsurgeon.sparse.hf_dir import export_dense, load_any
+from brainsurgeon.sparse.onnx import OrtCausalLM, export_hf_onnx
+
+MODEL_DIR = Path.home() / ".cache" / "brainsurgeon" / "smollm2-135m-instruct"
+TEXT_DIR = Path.home() / ".cache" / "brainsurgeon" / "austen"
+OUT = CACHE / "llm_inference"
+NEW_TOKENS = 64
+
+
+# ----------------------------------------------------------------------------- material
+def tokens(tok, n_seq: int, seq_len: int, offset_chars: int = 0) -> torch.Tensor:
+    """``n_seq`` windows of ``seq_len`` tokens from the novels (sorted by name, concatenated)."""
+    text = "\n\n".join(p.read_text() for p in sorted(TEXT_DIR.glob("*.txt")))
+    ids = tok(text[offset_chars: offset_chars + 8 * n_seq * seq_len], return_tensors="pt").input_ids[0]
+    if ids.numel() < n_seq * seq_len:
+        raise SystemExit(f"not enough text in {TEXT_DIR} for {n_seq} x {seq_len} tokens")
+    return ids[: n_seq * seq_len].reshape(n_seq, seq_len)
+
+
+def pruned_model(dense: nn.Module, variant: str, method: str, calib: torch.Tensor, log) -> tuple[nn.Module, dict]:
+    """The model pruned at ``variant`` ("0.5", "0.7", "2:4"), from the cache or pruned now."""
+    path = OUT / f"{method}-{variant.replace(':', 'of')}-n{calib.shape[0]}x{calib.shape[1]}"
+    if path.exists():
+        info = json.loads((path / "bench_prune.json").read_text()) if (path / "bench_prune.json").exists() else {}
+        return bs.load(path), {**info, "cached": True}
+    kwargs = {"structure": variant} if ":" in variant else {"sparsity": float(variant)}
+    t0 = time.perf_counter()
+    try:
+        res = bs.prune(dense, calib, method, num_samples=calib.shape[0], batch_size=4, seed=0, **kwargs)
+        info = {"method": method}
+    except Exception as e:  # the brief's fallback: say so in the benchmark section
+        log(f"{method} failed on the HF model ({type(e).__name__}: {e}); falling back to magnitude")
+        res = bs.prune(dense, calib, "magnitude", seed=0, **kwargs)
+        info = {"method": "magnitude", "fallback_reason": f"{method}: {type(e).__name__}: {str(e)[:200]}"}
+    info.update(seconds=round(time.perf_counter() - t0, 1),
+                achieved_sparsity=res.report["overall"]["achieved_sparsity"])
+    bs.save(res.model, path)
+    (path / "bench_prune.json").write_text(json.dumps(info))
+    return res.model, info
+
+
+# ----------------------------------------------------------------------------- runs
+def _cache_key(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float]]:
+    """Greedy decoding by hand (prefill, then one token per call with the KV cache); per-step seconds."""
+    key = _cache_key(model)
+    out = model(input_ids=prompt, use_cache=True)
+    cache, toks, times = getattr(out, key), [int(out.logits[0, -1].argmax())], []
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([[toks[-1]]]), use_cache=True, **{key: cache})
+        times.append(time.perf_counter() - t0)
+        cache = getattr(out, key)
+        toks.append(int(out.logits[0, -1].argmax()))
+    return torch.cat([prompt, torch.tensor([toks])], dim=1), times
+
+
+@torch.no_grad()
+def torch_prefill_ms(model: nn.Module, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def ort_prefill_ms(ort_lm: OrtCausalLM, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    ort_lm.step(ids.numpy(), 0, ort_lm.empty_past())
+    return (time.perf_counter() - t0) * 1e3
+
+
+def profile_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Milliseconds per decoded token by op class (exclusive), from module hooks on one greedy run."""
+    starts, total = {}, defaultdict(float)
+
+    def classify(name: str, m: nn.Module) -> str | None:
+        if name == "lm_head":
+            return "lm_head (dense, tied embedding)"
+        if isinstance(m, SparseLinear):
+            return f"block linears: {m.decode_engine}"
+        if isinstance(m, nn.Linear):
+            return "block linears: dense"
+        kind = type(m).__name__
+        if kind.endswith("Attention"):
+            return "attention (excl. projections)"
+        if kind.endswith("MLP"):
+            return "MLP activation+mul (excl. projections)"
+        if kind.endswith("RMSNorm"):
+            return "RMSNorm"
+        if isinstance(m, nn.Embedding):
+            return "embedding lookup"
+        return None
+
+    hooks, children = [], {}
+    for name, m in model.named_modules():
+        cls = classify(name, m)
+        if cls is None:
+            continue
+        children[name] = [c for c, cm in m.named_modules() if c and classify(f"{name}.{c}", cm)]
+
+        def pre(mod, args, name=name):
+            starts[name] = time.perf_counter()
+
+        def post(mod, args, out, name=name, cls=cls):
+            total[(name, cls)] += time.perf_counter() - starts[name]
+
+        hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        t0 = time.perf_counter()
+        _, step_times = torch_greedy(model, prompt, new_tokens)
+        wall = time.perf_counter() - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    inclusive = {name: t for (name, _), t in total.items()}
+    by_class = defaultdict(float)
+    for (name, cls), t in total.items():
+        by_class[cls] += t - sum(inclusive.get(f"{name}.{c}", 0.0) for c in children[name])
+    by_class["other (python, cache, rotary, sampling)"] = wall - sum(by_class.values())
+    steps = new_tokens  # the prefill call is included in the hooks: report per generated token
+    return {k: round(v * 1e3 / steps, 3) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def weights_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
+
+
+# ----------------------------------------------------------------------------- one variant
+def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
+    row = {"variant": variant, **info}
+    sparse_dir, dense_dir = OUT / "tmp" / f"sparse-{variant}", OUT / "tmp" / f"dense-{variant}"
+    for d in (sparse_dir, dense_dir):
+        if d.exists():
+            import shutil
+
+            shutil.rmtree(d)
+    save = bs.save(model, sparse_dir)
+    export_dense(model, dense_dir)
+    row["size"] = {"sparse_dir_bytes": dir_bytes(sparse_dir), "dense_dir_bytes": dir_bytes(dense_dir),
+                   "sparse_weights_bytes": weights_bytes(sparse_dir), "dense_weights_bytes": weights_bytes(dense_dir),
+                   "bytes_per_nonzero": round(save["bytes_per_nonzero"], 3), "encodings": sorted(set(save["encodings"].values()))}
+    row["size"]["ratio"] = row["size"]["sparse_dir_bytes"] / row["size"]["dense_dir_bytes"]
+    onnx_path = OUT / "tmp" / f"{variant.replace(':', 'of')}.onnx"
+    t0 = time.perf_counter()
+    row["onnx"] = {k: v for k, v in export_hf_onnx(model, onnx_path).items() if k != "inputs"}
+    log(f"{variant}: sizes {row['size']['ratio']:.3f}, onnx exported in {time.perf_counter() - t0:.0f} s")
+    row["threads"] = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        fast = bs.to_sparse(model, prefill_tokens=args.prefill)
+        convert_s = time.perf_counter() - t0
+        ort_lm = OrtCausalLM(onnx_path, model.config, threads=threads)
+        impls = {"dense torch": lambda: torch_greedy(model, prompt, NEW_TOKENS + 1),
+                 "bs.to_sparse": lambda: torch_greedy(fast, prompt, NEW_TOKENS + 1),
+                 "onnxruntime": lambda: ort_lm.greedy(prompt, NEW_TOKENS + 1)}
+        prefills = {"dense torch": lambda: torch_prefill_ms(model, prefill_ids),
+                    "bs.to_sparse": lambda: torch_prefill_ms(fast, prefill_ids),
+                    "onnxruntime": lambda: ort_prefill_ms(ort_lm, prefill_ids)}
+        tps, pre, outs = defaultdict(list), defaultdict(list), {}
+        for name in impls:  # warm-up (numba compile/cache load, onnxruntime arena)
+            outs[name] = impls[name]()[0]
+            prefills[name]()
+        for r in range(args.rounds):
+            for name in impls:  # interleaved: each round runs every implementation once
+                toks, times = impls[name]()
+                tps[name].append(len(times) / sum(times))
+                pre[name].append(prefills[name]())
+        with torch.no_grad():
+            ref_logits = model(outs["dense torch"]).logits
+            sparse_diff = float((fast(outs["dense torch"]).logits - ref_logits).abs().max())
+            ort_logits, _ = ort_lm.step(outs["dense torch"].numpy(), 0, ort_lm.empty_past())
+            ort_diff = float((torch.from_numpy(ort_logits) - ref_logits).abs().max())
+        engines = defaultdict(int)
+        for entry in fast.sparse_report.values():
+            e = entry["engine"]
+            engines[f"{e['decode']}/{e['prefill']}" if isinstance(e, dict) else e] += 1
+        res = {"convert_s": round(convert_s, 1), "engines (decode/prefill): layers": dict(engines),
+               "decode_tokens_per_s": {k: round(statistics.median(v), 2) for k, v in tps.items()},
+               "decode_rounds": {k: [round(x, 2) for x in v] for k, v in tps.items()},
+               "prefill_ms": {k: round(statistics.median(v), 1) for k, v in pre.items()},
+               "same_greedy_tokens": {k: bool(torch.equal(outs[k], outs["dense torch"])) for k in ("bs.to_sparse", "onnxruntime")},
+               "max_abs_logit_diff": {"bs.to_sparse": sparse_diff, "onnxruntime": ort_diff}}
+        if args.deepsparse:
+            res["deepsparse_decode_step"] = deepsparse_peer(args, variant, onnx_path, ort_lm, prompt, threads)
+            log(f"{variant} @ {threads}: deepsparse {res['deepsparse_decode_step']}")
+        if threads == 1 and args.profile:
+            res["profile_ms_per_token"] = {"dense torch": profile_decode(model, prompt, NEW_TOKENS + 1),
+                                           "bs.to_sparse": profile_decode(fast, prompt, NEW_TOKENS + 1)}
+        row["threads"][threads] = res
+        log(f"{variant} @ {threads} thread(s): {res['decode_tokens_per_s']} tok/s, prefill {res['prefill_ms']} ms, "
+            f"tokens same {res['same_greedy_tokens']}, logit diff {res['max_abs_logit_diff']}")
+        del fast, ort_lm
+    return row
+
+
+# Run by the throwaway venv's Python (deepsparse needs its own numpy/onnx): one decode step of our ONNX
+# at a fixed past length (deepsparse compiles static shapes), median ms, and its logits for comparison.
+DEEPSPARSE_RUNNER = r"""
+import json, statistics, sys, time
+import numpy as np
+from deepsparse import Engine
+onnx_path, feed_path, threads, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+feed = dict(np.load(feed_path))
+names = json.loads(sys.argv[5])
+inputs = [feed[n] for n in names]
+t0 = time.perf_counter()
+engine = Engine(model=onnx_path, batch_size=1, num_cores=threads, input_shapes=[list(a.shape) for a in inputs])
+compile_s = time.perf_counter() - t0
+out = engine.run(inputs)
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter(); engine.run(inputs); times.append((time.perf_counter() - t0) * 1e3)
+np.save(feed_path + ".logits.npy", out[0])
+print(json.dumps({"ms": statistics.median(times), "compile_s": compile_s}))
+"""
+
+
+def deepsparse_peer(args, variant: str, onnx_path: Path, ort_lm: OrtCausalLM, prompt: torch.Tensor, threads: int) -> dict:
+    """One decode step after the prompt (past = prompt length): deepsparse against onnxruntime, same ONNX and inputs."""
+    import numpy as np
+
+    py = Path(args.deepsparse_python)
+    if not py.exists():
+        return {"error": f"no throwaway venv at {py} (python3.11 -m venv; pip install deepsparse)"}
+    logits, past = ort_lm.step(prompt.numpy(), 0, ort_lm.empty_past())
+    next_id = np.array([[int(logits[0, -1].argmax())]])
+    pos = np.array([[prompt.shape[1]]], dtype=np.int64)
+    names = ort_lm.names
+    feed = dict(zip(names, [next_id.astype(np.int64), pos, *past]))
+    feed_path = OUT / "tmp" / f"ds-feed-{variant.replace(':', 'of')}.npz"
+    np.savez(feed_path, **feed)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        ref = ort_lm.session.run(None, feed)[0]
+        times.append((time.perf_counter() - t0) * 1e3)
+    proc = subprocess.run([str(py), "-c", DEEPSPARSE_RUNNER, str(onnx_path), str(feed_path), str(threads), "20",
+                           json.dumps(names)], capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        return {"error": (tail or ["?"])[-1][:300]}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    ds_logits = np.load(str(feed_path) + ".logits.npy")
+    res.update(onnxruntime_ms=statistics.median(times), max_abs_logit_diff=float(np.abs(ds_logits - ref).max()))
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+def deepsparse_line(args) -> str:
+    """Which deepsparse the throwaway venv holds, or why it is not measured (one line)."""
+    py = Path(args.deepsparse_python)
+    if not py.exists():
+        return (f"deepsparse: not measured: no venv at {py}. deepsparse 1.9.0 (the newest, PyPI) is an "
+                "end-of-life source package whose build stops with a message; 1.8.0 has wheels for Python 3.11")
+    probe = subprocess.run([str(py), "-c", "import deepsparse; print(deepsparse.__version__)"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode:
+        return f"deepsparse: not measured: it does not import ({(probe.stderr.strip().splitlines() or ['?'])[-1][:200]})"
+    return f"deepsparse {probe.stdout.strip()}"
+
+
+def section(rows: list[dict], args, ds_line: str) -> str:
+    lines = [f"SmolLM2-135M-Instruct (float32, 30 layers, hidden 576, vocab 49152, tied embeddings) pruned over its "
+             f"210 block linears; calibration {args.calib_samples} x {args.calib_len} tokens of Austen; prompt "
+             f"{args.prompt} tokens, {NEW_TOKENS} decoded tokens at batch 1 with the KV cache (tokens/s = "
+             f"{NEW_TOKENS} / the summed time of the {NEW_TOKENS} decode calls); prefill = one forward of "
+             f"{args.prefill} tokens. Medians of {args.rounds} interleaved rounds (dense torch, bs.to_sparse and "
+             "onnxruntime run one after another in each round). The machine's 2 cores were shared with other jobs."]
+    for r in rows:
+        if r.get("fallback_reason"):
+            lines.append(f"\n**{r['variant']}: pruned by magnitude, not sparsegpt** ({r['fallback_reason']}).")
+    table = []
+    for r in rows:
+        for t, res in r["threads"].items():
+            d = res["decode_tokens_per_s"]
+            p = res["prefill_ms"]
+            table.append([r["variant"], r.get("method", "?"), t, d["dense torch"], d["bs.to_sparse"], d["onnxruntime"],
+                          f"{d['bs.to_sparse'] / d['dense torch']:.2f}x", p["dense torch"], p["bs.to_sparse"], p["onnxruntime"],
+                          "yes" if all(res["same_greedy_tokens"].values()) else f"{res['same_greedy_tokens']}",
+                          f"{res['max_abs_logit_diff']['bs.to_sparse']:.1e}"])
+    lines += ["", markdown_table(["pruned", "method", "threads", "decode tok/s dense torch", "bs.to_sparse", "onnxruntime",
+                                  "to_sparse / dense", "prefill ms dense", "to_sparse", "onnxruntime",
+                                  "same greedy tokens", "max logit diff"], table)]
+    sizes = [[r["variant"], r["size"]["sparse_dir_bytes"] / 2**20, r["size"]["dense_dir_bytes"] / 2**20,
+              f"{100 * r['size']['ratio']:.1f}%", r["size"]["bytes_per_nonzero"], ", ".join(r["size"]["encodings"])]
+             for r in rows]
+    lines += ["", "Directory sizes (all files; the tied 49152 x 576 embedding is stored once, dense, 108 MiB):", "",
+              markdown_table(["pruned", "sparse dir MiB", "dense save_pretrained MiB", "ratio", "bytes/non-zero",
+                              "encodings"], sizes)]
+    for r in rows:
+        for t, res in r["threads"].items():
+            lines.append(f"\nEngines chosen, {r['variant']} at {t} thread(s) (layers per decode/prefill engine): "
+                         + ", ".join(f"{k}: {v}" for k, v in res["engines (decode/prefill): layers"].items()))
+    for r in rows:
+        prof = r["threads"].get(1, {}).get("profile_ms_per_token")
+        if prof:
+            keys = list(dict.fromkeys([*prof["dense torch"], *prof["bs.to_sparse"]]))
+            lines += ["", f"Where a decoded token's time goes, {r['variant']}, 1 thread (ms per token, exclusive, module hooks):", "",
+                      markdown_table(["op class", "dense torch", "bs.to_sparse"],
+                                     [[k, prof["dense torch"].get(k, "-"), prof["bs.to_sparse"].get(k, "-")] for k in keys])]
+    ds = [[r["variant"], t, res["deepsparse_decode_step"].get("onnxruntime_ms"), res["deepsparse_decode_step"].get("ms"),
+           res["deepsparse_decode_step"].get("max_abs_logit_diff"), res["deepsparse_decode_step"].get("error", "")]
+          for r in rows for t, res in r["threads"].items() if "deepsparse_decode_step" in res]
+    if ds:
+        lines += ["", f"deepsparse as a peer ({ds_line}; a throwaway Python 3.11 venv): one decode step after the "
+                  f"{args.prompt}-token prompt on the same ONNX and inputs (deepsparse compiles static shapes, so "
+                  "no 64-token loop), median ms:", "",
+                  markdown_table(["pruned", "threads", "onnxruntime ms", "deepsparse ms", "max logit diff", "error"], ds)]
+    else:
+        lines += ["", ds_line]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--variants", default="0.5,0.7,2:4")
+    ap.add_argument("--method", default="sparsegpt")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--deepsparse-python", default="/tmp/dsvenv/bin/python",
+                    help="a Python 3.11 venv with deepsparse (1.8.0: 1.9.0 does not build); absent: not measured")
+    ap.add_argument("--no-deepsparse", dest="deepsparse", action="store_false")
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
+    if not (MODEL_DIR / "config.json").exists():
+        raise SystemExit(f"{MODEL_DIR} not found: write SmolLM2-135M-Instruct there first (see benchmarks/llm.py)")
+    from transformers import AutoTokenizer
+
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    dense = load_any(MODEL_DIR)
+    calib = tokens(tok, args.calib_samples, args.calib_len)
+    prompt = tokens(tok, 1, args.prompt, offset_chars=2_000_000)
+    prefill_ids = tokens(tok, 1, args.prefill, offset_chars=2_100_000)
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant in args.variants.split(","):
+        torch.set_num_threads(1)
+        model, info = pruned_model(dense, variant, args.method, calib, log)
+        log(f"{variant}: {info}")
+        rows.append(run_variant(variant, model, info, prompt, prefill_ids, args, log))
+        (CACHE / "llm_inference.json").write_text(json.dumps(rows, indent=1, default=str))
+    text = section(rows, args, deepsparse_line(args))
+    print(text)
+    if not args.no_record:
+        record_section("llm-inference", "Pruned SmolLM2-135M: sparse CPU inference, ONNX and file sizes",
+                       "make bench-llm-inference", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Structured transformer pruning on SmolLM2-135M-Instruct with Jane Austen's novels
+(``make bench-llm-structured``).
+
+Calibration: ``--num-samples`` windows of 512 tokens from five novels (``bs.text.calibration``);
+evaluation: perplexity on the first 40 windows of 512 tokens of the held-back *Persuasion*.
+Every cell prunes heads + FFN neurons of the decoder layers with ``bs.prune(...,
+structure="channel")`` (global allocation) at a fraction of the prunable head/FFN parameters, and
+records perplexity, FLOPs, and the measured CPU latency ratios (prefill 1 x 512, decode 1 x 64
+tokens with the KV cache, dense and pruned timed interleaved; ``report["cost"]``). The peer is
+Torch-Pruning's LLM pruning (``--methods tp-magnitude,tp-taylor``; see :func:`torch_pruning_peer`).
+
+Cells are appended to ``runs/llm_structured/results.jsonl`` as they finish (so a partial run keeps
+its cells); ``--record`` writes the BENCHMARKS.md section from that file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+CACHE = Path(os.environ.get("BRAINSURGEON_CACHE", Path.home() / ".cache" / "brainsurgeon"))
+MODEL = CACHE / "smollm2-135m-instruct"
+AUSTEN = CACHE / "austen"
+HELD_OUT = "persuasion"
+OUT = ROOT / "runs" / "llm_structured"
+RESULTS = OUT / "results.jsonl"
+
+
+def load():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    return model, tok
+
+
+def texts():
+    calib = [p for p in sorted(AUSTEN.glob("*.txt")) if p.stem != HELD_OUT]
+    return [p.read_text() for p in calib], (AUSTEN / f"{HELD_OUT}.txt").read_text()
+
+
+def eval_ids(tok, held_out: str) -> torch.Tensor:
+    from brainsurgeon.text import tokenize
+
+    return tokenize(tok, held_out)
+
+
+def perplexity(model, ids, windows: int) -> float:
+    from brainsurgeon.text import perplexity_of_ids
+
+    return perplexity_of_ids(model, ids, 512, windows)["perplexity"]
+
+
+def append(row: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def run_cell(model, calib, ids, method: str, sparsity: float, args) -> dict:
+    import brainsurgeon as bs
+
+    t0 = time.perf_counter()
+    opts = {}
+    if method == "fisher-mask" and args.tune_samples:
+        opts["tune_samples"] = args.tune_samples
+    res = bs.prune(model, calib, method, sparsity, structure="channel", allocation="global",
+                   batch_size=args.batch_size, round_to=args.round_to, **opts)
+    prune_s = time.perf_counter() - t0
+    cost = res.report["cost"]
+    return {
+        "method": method, "sparsity": sparsity, "achieved": res.report["overall"]["achieved_sparsity"],
+        "ppl": perplexity(res.model, ids, args.windows), "flops_ratio": cost["flops_ratio"],
+        "prefill_speedup": cost["speedup"].get("prefill"), "decode_speedup": cost["speedup"].get("decode"),
+        "heads_removed": res.report["overall"]["heads_removed"], "neurons_removed": res.report["overall"]["neurons_removed"],
+        "prune_s": prune_s, "num_samples": res.report["options"]["num_samples"], "round_to": args.round_to,
+    }
+
+
+def torch_pruning_peer(model, calib, sparsity: float, importance: str, batch_size: int):
+    """Torch-Pruning's LLM pruning as its ``examples/LLMs/prune_llm.py`` does it: one ``MetaPruner``
+    over the whole model with ``GroupNormImportance(p=2, group_reduction="mean")`` (or
+    ``GroupTaylorImportance`` after backward passes on the calibration data), the attention heads
+    declared through ``num_heads`` (q: num_attention_heads, k/v: num_key_value_heads),
+    ``prune_num_heads=True``, ``prune_head_dims=False``, ``head_pruning_ratio`` = ``pruning_ratio``,
+    ``round_to=4``, lm_head ignored. The example also prunes the hidden size at the same ratio, so
+    a ratio r removes about 1 - (1 - r)^2 of the decoder parameters; it is called with the r that
+    removes the cell's fraction. The example's attribute updates follow the pruning."""
+    import copy
+
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    ratio = 1 - (1 - sparsity) ** 0.5
+    num_heads = {}
+    for layer in m.model.layers:
+        a = layer.self_attn
+        num_heads[a.q_proj] = m.config.num_attention_heads
+        num_heads[a.k_proj] = m.config.num_key_value_heads
+        num_heads[a.v_proj] = m.config.num_key_value_heads
+    if importance == "taylor":
+        imp = tp.importance.GroupTaylorImportance()
+    else:
+        imp = tp.importance.GroupNormImportance(p=2, group_reduction="mean")
+    pruner = tp.pruner.MetaPruner(
+        m, example_inputs=calib[:1, :32], importance=imp, global_pruning=False, pruning_ratio=ratio,
+        ignored_layers=[m.lm_head], num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=ratio, round_to=4,
+    )
+    if importance == "taylor":
+        for i in range(0, len(calib), batch_size):
+            x = calib[i:i + batch_size]
+            m(input_ids=x, labels=x, use_cache=False).loss.backward()
+    for g in pruner.step(interactive=True):
+        g.prune()
+    m.zero_grad(set_to_none=True)
+    m.config.hidden_size = m.lm_head.in_features
+    for layer in m.model.layers:  # the example's bookkeeping of the new shapes
+        a = layer.self_attn
+        a.num_heads = a.q_proj.out_features // a.head_dim
+        a.num_key_value_heads = a.k_proj.out_features // a.head_dim
+        a.num_key_value_groups = a.num_heads // a.num_key_value_heads
+    return m
+
+
+def run_peer(model, calib, ids, method: str, sparsity: float, args) -> dict:
+    from brainsurgeon.structured.transformer_engine import measure_cost
+
+    t0 = time.perf_counter()
+    pruned = torch_pruning_peer(model, calib, sparsity, method.split("-", 1)[1], args.batch_size)
+    prune_s = time.perf_counter() - t0
+    cost = measure_cost(model, pruned)
+    dense_p = sum(p.numel() for p in model.parameters())
+    return {
+        "method": method, "sparsity": sparsity, "ppl": perplexity(pruned, ids, args.windows),
+        "achieved": (dense_p - sum(p.numel() for p in pruned.parameters())) / _prunable(model),
+        "flops_ratio": cost["flops_ratio"],
+        "prefill_speedup": cost["speedup"].get("prefill"), "decode_speedup": cost["speedup"].get("decode"),
+        "prune_s": prune_s, "num_samples": len(calib),
+    }
+
+
+def _prunable(model) -> int:
+    """Parameters of the decoder layers' linears (what the cells' fractions are of)."""
+    return sum(p.numel() for n, p in model.model.layers.named_parameters() if "proj" in n)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="fisher-mask,flap,magnitude,tp-magnitude")
+    ap.add_argument("--sparsities", default="0.2,0.3")
+    ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--tune-samples", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--round-to", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--record", action="store_true", help="only write the BENCHMARKS.md section from results.jsonl")
+    args = ap.parse_args(argv)
+    if args.record:
+        return record()
+    torch.set_num_threads(args.threads)
+    from brainsurgeon.text import calibration
+
+    model, tok = load()
+    calib_texts, held = texts()
+    calib = calibration(tok, "\n\n".join(calib_texts), num_samples=args.num_samples, seq_len=512, seed=0)
+    ids = eval_ids(tok, held)
+    done = {(r["method"], r["sparsity"], r.get("num_samples")) for r in read_results()}
+    if ("dense", 0.0, None) not in done:
+        append({"method": "dense", "sparsity": 0.0, "ppl": perplexity(model, ids, args.windows), "num_samples": None})
+    for s in [float(v) for v in args.sparsities.split(",")]:
+        for method in args.methods.split(","):
+            if (method, s, args.num_samples) in done:
+                continue
+            try:
+                row = (run_peer if method.startswith("tp-") else run_cell)(model, calib, ids, method, s, args)
+            except Exception as e:  # a failed cell is recorded, the others still run
+                row = {"method": method, "sparsity": s, "error": f"{type(e).__name__}: {e}", "num_samples": args.num_samples}
+            append(row)
+
+
+def read_results() -> list[dict]:
+    if not RESULTS.exists():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def record() -> None:
+    from _record import markdown_table, record_section
+
+    rows = read_results()
+    dense = next((r["ppl"] for r in rows if r["method"] == "dense"), None)
+    table = []
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        if "error" in r:
+            table.append([r["method"], r["sparsity"], "failed: " + r["error"][:80], "", "", "", "", ""])
+            continue
+        table.append([r["method"], r["sparsity"], r["ppl"], r["ppl"] / dense if dense else "", r["flops_ratio"],
+                      r.get("prefill_speedup") or "", r.get("decode_speedup") or "", r.get("num_samples")])
+    body = (f"SmolLM2-135M-Instruct, dense perplexity {dense:.3f} on 40 x 512 tokens of *Persuasion*. Heads + FFN neurons "
+            "removed (fraction of the decoder head/FFN parameters), global allocation, one-shot.\n\n"
+            + markdown_table(["method", "removed", "ppl", "ppl / dense", "FLOPs ratio", "prefill speedup", "decode speedup",
+                              "calib seqs"], table))
+    record_section("llm-structured", "Structured transformer pruning (heads + FFN neurons)",
+                   "make bench-llm-structured", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""``bs.prune``: the public entry point. It dispatches, and does nothing else:
+
+* a Hugging Face ``PreTrainedModel`` goes to :func:`prune_hf` (token data, the model's own loss,
+  GPT-2's ``Conv1D`` seen as ``nn.Linear``; ``structure="channel"`` removes heads and FFN neurons
+  through :mod:`brainsurgeon.structured.transformer_engine`);
+* ``structure="channel"`` on any other module goes to :mod:`brainsurgeon.structured.engine`;
+* everything else goes to :mod:`brainsurgeon.schedules` (one-shot is one ``engine.prune_step``).
+
+Layering: ``api`` -> ``schedules`` / ``structured`` -> ``engine`` (``prune_step``, ``build_options``,
+``working_context``) -> methods and curvature. ``engine`` never imports upwards.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .engine import PruneResult
+from .errors import BrainsurgeonError
+from .targets import LayerSpec
+
+#: calibration batch size when none is given: images batch well; token sequences are long, and a
+#: causal LM's logits are (batch, length, vocabulary)
+DEFAULT_BATCH = 128
+DEFAULT_TOKEN_BATCH = 8
+
+
+def prune(
+    model: nn.Module,
+    data,
+    method: str = "magnitude",
+    sparsity: float | None = None,
+    *,
+    structure: str = "unstructured",
+    allocation: str = "uniform",
+    max_layer_sparsity: float = 0.99,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    num_samples: int | None = None,
+    damping: float | None = None,
+    layers: LayerSpec = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    schedule: str = "oneshot",
+    steps: int | None = None,
+    finetune=None,
+    compact: bool | None = None,
+    round_to: int | None = None,
+    recalibrate_bn: bool | str | None = None,
+    **method_options,
+) -> PruneResult:
+    """Prune a copy of ``model`` with ``method`` to ``sparsity``; ``model`` itself is left untouched.
+
+    Args:
+        model: a trained ``nn.Module``, or a Hugging Face ``PreTrainedModel`` (Llama-like, GPT-2,
+            OPT, BERT layouts; see :mod:`brainsurgeon.adapters.hf`).
+        data: an iterable of ``(inputs, targets)`` batches (a DataLoader works) or one
+            ``(inputs, targets)`` tuple of tensors; for an HF model: a LongTensor ``(N, L)`` of
+            token ids, a tokenizer's ``BatchEncoding``, or an iterable of dicts with ``input_ids``
+            (optional ``attention_mask``, ``labels``). The first ``num_samples`` samples are used
+            (default None: all of them; a truncation is warned about and reported under
+            ``calibration_samples``).
+        method: a registered method (``bs.methods()`` lists them).
+        sparsity: the fraction of prunable weights to remove, in [0, 1).
+        structure: ``"unstructured"``, an N:M pattern such as ``"2:4"``, or ``"channel"``: remove
+            whole units (neurons, filters; for HF models attention heads and FFN neurons).
+        allocation: ``"uniform"``, ``"global"`` (one threshold over comparable saliencies, no layer
+            above ``max_layer_sparsity``), ``"sensitivity"`` (measured per-layer sensitivity), or
+            ``"owl"`` (layer-wise methods: outlier-weighed per-block sparsity, Yin et al. 2024).
+        loss_fn: ``loss(outputs, targets)``, a mean over the batch; cross-entropy by default (HF:
+            the model's own loss, see ``TokenView.loss_fn``).
+        damping: relative damping of curvature inverses (each method documents its default).
+        layers: name patterns: ``["fc*"]`` or ``{"include": [...], "exclude": [...]}``; by default
+            every Linear and Conv weight (HF: every linear inside the transformer blocks; the
+            embeddings and ``lm_head`` only when named).
+        seed: seeds every random choice; same inputs and seed give the same result.
+        device: where the work runs; an HF model must already be there (it is not moved).
+        batch_size: calibration batch size (default 128; 8 token sequences for HF models).
+        progress: show progress bars (default: when stderr is a terminal).
+        schedule, steps, finetune: ``"oneshot"``, ``"iterative"``, ``"iterative-linear"`` or
+            ``"gradual"`` over ``steps`` rounds, fine-tuning with a :class:`~brainsurgeon.finetune.FineTune`
+            (see :mod:`brainsurgeon.schedules`).
+        compact, round_to, recalibrate_bn: ``structure="channel"`` only (see
+            :mod:`brainsurgeon.structured`).
+        **method_options: options of the method itself (see its docstring).
+
+    Returns:
+        :class:`~brainsurgeon.engine.PruneResult` with ``model`` (same architecture, pruned
+        weights exactly zero), ``masks`` (True = kept, in each module's own weight orientation)
+        and ``report``.
+    """
+    common = dict(
+        allocation=allocation, max_layer_sparsity=max_layer_sparsity, loss_fn=loss_fn, num_samples=num_samples,
+        damping=damping, layers=layers, seed=seed, device=device, progress=progress,
+    )
+    from .adapters.hf import is_hf_model
+
+    hf = is_hf_model(model)
+    batch_size = (DEFAULT_TOKEN_BATCH if hf else DEFAULT_BATCH) if batch_size is None else batch_size
+    if structure == "channel":
+        if schedule != "oneshot" or finetune is not None or steps is not None:
+            raise BrainsurgeonError("structure='channel' prunes one-shot: leave schedule, steps and finetune out")
+        return _prune_channels(
+            model, data, method, sparsity, hf, batch_size=batch_size, compact=True if compact is None else compact,
+            round_to=round_to, recalibrate_bn="auto" if recalibrate_bn is None else recalibrate_bn,
+            method_options=method_options, **common,
+        )
+    for name, value in (("compact", compact), ("round_to", round_to), ("recalibrate_bn", recalibrate_bn)):
+        if value is not None:
+            raise BrainsurgeonError(f"{name}= applies to structure='channel' only (whole units removed)")
+    run = prune_hf if hf else _run_schedule
+    return run(model, data, method, sparsity, structure=structure, batch_size=batch_size, schedule=schedule,
+               steps=steps, finetune=finetune, **common, **method_options)
+
+
+def _run_schedule(model, data, method, sparsity, **kwargs) -> PruneResult:
+    from .schedules import run_schedule
+
+    return run_schedule(model, data, method, sparsity, **kwargs)
+
+
+def _prune_channels(model, data, method, sparsity, hf: bool, **kwargs) -> PruneResult:
+    if hf:
+        from .structured.transformer_engine import prune_transformer
+
+        return prune_transformer(model, data, method, sparsity, **kwargs)
+    from .structured.engine import prune_channels
+
+    return prune_channels(model, data, method, sparsity, **kwargs)
+
+
+def check_model_device(model: nn.Module, device) -> torch.device:
+    """The device, refused unless every parameter of ``model`` is on it (big models are not moved)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise BrainsurgeonError(f"device {device!r} is not a torch device: {e}") from e
+    found = {p.device for p in model.parameters()}
+    if dev.type == "cuda" and dev.index is None:
+        found = {torch.device("cuda") if d.type == "cuda" else d for d in found}
+    if found != {dev}:
+        where = ", ".join(sorted(str(d) for d in found))
+        raise BrainsurgeonError(
+            f"the model is on {where} but device={str(dev)!r}; pass device={where!r} or move the model first (model.to(...))"
+        )
+    return dev
+
+
+def prune_hf(model: nn.Module, data, method: str, sparsity, *, layers=None, loss_fn=None, batch_size: int,
+             num_samples=None, device="cpu", **kwargs) -> PruneResult:
+    """``bs.prune`` on a Hugging Face model: unstructured and N:M, every method of the engine.
+
+    Token data are validated and turned into ``(x, y)`` batches (``adapters.hf.token_batches``),
+    the working copy has GPT-2's ``Conv1D`` swapped for ``nn.Linear`` and is pruned through a
+    ``TokenView`` with the model's own loss; the result has its ``Conv1D`` back (so
+    ``save_pretrained`` and plain transformers load it) and its masks in each module's own
+    orientation. The report gains ``model``: the family, the swapped layers, and the tied weights.
+    """
+    from .adapters.hf import HFAdapter, TokenView, conv1d_masks, conv1d_to_linear, linear_to_conv1d, token_batches
+
+    adapter = HFAdapter(model)
+    check_model_device(model, device)
+    batches = token_batches(data, model, batch_size=batch_size, num_samples=num_samples)
+    # the engine prunes a deep copy of the view (one copy of the model); only Conv1D models need their
+    # own copy first, to swap the Conv1D layers without touching the user's model
+    work = copy.deepcopy(model) if adapter.conv1d_names() else model
+    swapped = conv1d_to_linear(work) if work is not model else []
+    view = TokenView(work)
+    chosen = adapter.default_layers() if layers is None else layers
+    res = _run_schedule(view, batches, method, sparsity, layers=chosen, loss_fn=loss_fn or view.loss_fn,
+                        batch_size=batch_size, num_samples=None, device=device, **kwargs)
+    pruned = res.model.hf
+    linear_to_conv1d(pruned, swapped)
+    pruned.train(model.training)
+    report = dict(res.report)
+    report["options"] = {**report.get("options", {}), "layers": layers}
+    report["model"] = {
+        "family": adapter.family, "task": adapter.task, "blocks": len(adapter.blocks()),
+        "conv1d_as_linear": swapped, "tied": adapter.tied_names(),
+        "num_samples": sum(len(x) for x, _ in batches),
+    }
+    return PruneResult(model=pruned, report=report, masks=conv1d_masks(res.masks, swapped))

@@ -1,0 +1,393 @@
+"""Block-sequential calibration: the layer-wise statistics in O(L) block passes.
+
+The layer-wise methods (OBC, SparseGPT, Wanda) need, for every target layer, the statistics of its
+inputs X in the network whose earlier layers are already pruned (``curvature.layer_inputs``). Run
+layer by layer, each layer re-runs the network's prefix on the calibration data: O(L^2) block
+passes for L blocks, with the whole model active. The SparseGPT reference (and llm-compressor's
+sequential pipeline) instead walks the network block by block:
+
+1. find the model's sequence of blocks (:func:`find_blocks`): the transformer layers of an HF model
+   (through ``adapters.hf``), the top-level children of an ``nn.Sequential``, or an
+   ``nn.ModuleList`` of ``nn.TransformerEncoderLayer`` (an ``nn.TransformerEncoder`` anywhere in
+   the model) -- the last only after :func:`is_chain` has checked on the first batch that the
+   forward runs those layers as a plain chain with the same keyword arguments;
+2. capture the inputs of the first block, with every keyword argument the model passes to its
+   blocks (attention mask, position embeddings, cache flags), by a forward pre-hook
+   (``with_kwargs=True``) that stops the forward there;
+3. for each block: its target layers are grouped by the tensor they read (q, k, v read one input;
+   gate and up another), found by one hooked pass over the first batch; for each group in call
+   order, one (partial) pass of the block over the cached inputs accumulates ONE set of
+   statistics for the whole group, and the group is solved; groups later in the block therefore
+   see the pruned earlier groups, exactly as the layer-by-layer path does; then the block's outputs
+   are recomputed with the pruned block and become the next block's inputs.
+
+The result equals the layer-by-layer path (same inputs, same accumulation order; the tests check
+masks and weights to 1e-10 in float64) at O(L) block passes (per block: one partial pass per input
+group, stopping at the group, and one pass computing its outputs; ``report["calibration"]
+["block_passes"]`` counts them; plus one hooked pass over the first batch that finds the
+groups) and memory for one block's activations over the calibration set. Measured, sparsegpt 50% on a random Llama (hidden 256, FFN 688, GQA 8/4 heads;
+32 x 128 tokens; 1 thread on the shared 2-core machine), layer-by-layer vs block-sequential:
+4 layers 15.3 s vs 4.7 s, 8 layers 51.1 s vs 7.6 s (statistics 47.8 s vs 5.5 s), identical
+masks and weights.
+``activations_dtype`` (e.g. ``torch.bfloat16``) stores the cached activations in a smaller dtype
+(each block computes in its own dtype; statistics are accumulated as before).
+
+Error correction (fit to the dense outputs) carries a dense copy of the activations: each block is
+copied before it is pruned, and the dense copy's inputs of each group are captured alongside.
+
+Targets outside the blocks (``lm_head`` when included) come after the last block; they are
+handled by the layer-by-layer functions on the model whose blocks are then all pruned. If some
+target precedes the blocks, a weight is tied across several layers (its H sums every use), the
+chain check fails, or no blocks are found, the layer-by-layer path runs; the report says which
+path ran (``report["calibration"]["path"]``).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .curvature.layer_inputs import LayerInputStats, _Accumulator, _StopForward, check_supported, linear_holders
+from .data import Calibration
+from .errors import BrainsurgeonError
+from .targets import Target, register_input_capture
+
+PATH_BLOCKS = "block-sequential"
+PATH_LAYERS = "layer-by-layer"
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The model's chain of blocks, names as in ``model.named_modules()``, or None."""
+    from .adapters.hf import HFAdapter, TokenView, is_hf_model
+
+    hf = model.hf if isinstance(model, TokenView) else model if is_hf_model(model) else None
+    if hf is not None:
+        try:
+            return HFAdapter(hf).blocks(hf)
+        except BrainsurgeonError:
+            return None
+    if isinstance(model, nn.Sequential) and len(model) > 1:
+        return list(model.named_children())
+    for name, mod in model.named_modules():  # nn.TransformerEncoder's layers, wherever they sit
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and all(isinstance(b, nn.TransformerEncoderLayer) for b in mod):
+            return [(f"{name}.{i}", b) for i, b in enumerate(mod)]
+    return None
+
+
+def chain_is_known(model: nn.Module) -> bool:
+    """Whether the model's forward is known to run its blocks as a plain chain (HF layouts,
+    ``nn.Sequential``); other block lists are checked on data first (:func:`is_chain`)."""
+    from .adapters.hf import TokenView, is_hf_model
+
+    return isinstance(model, (TokenView, nn.Sequential)) or is_hf_model(model)
+
+
+@dataclass
+class BlockPlan:
+    """The blocks, the targets inside each (in order), and the targets after the last block."""
+
+    blocks: list[tuple[str, nn.Module, list[Target]]]
+    tail: list[Target]
+    passes: int = 0  # block passes run so far (the report's measure of work)
+    notes: list[str] = field(default_factory=list)
+    #: the blocks come from a module list whose use by the forward is not known: check on data first
+    verify_chain: bool = False
+
+
+def _same_kwargs(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)):
+                return False
+        elif x is not y and x != y:
+            return False
+    return True
+
+
+def is_chain(model: nn.Module, plan: BlockPlan, calib: Calibration) -> bool:
+    """Whether, on the first calibration batch, the model feeds its last block what its first block's
+    input becomes through the blocks before it, with the same keyword arguments: then the blocks are
+    the plain chain that block-sequential calibration assumes."""
+    first = Calibration(calib.batches[:1])
+    calls, hidden = capture_inputs(model, plan.blocks[0][1], first, None)
+    last_calls, last_hidden = capture_inputs(model, plan.blocks[-1][1], first, None)
+    h = hidden[0]
+    with torch.no_grad():
+        for _, block, _ in plan.blocks[:-1]:
+            h = call_block(block, calls[0], h, _block_dtype(block))
+    ref = last_hidden[0]
+    if not _same_kwargs(calls[0].kwargs, last_calls[0].kwargs) or h.shape != ref.shape:
+        return False
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return bool(torch.allclose(h, ref, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+
+
+def _owner(name: str, block_names: list[str]) -> int | None:
+    for i, b in enumerate(block_names):
+        if name == b or name.startswith(b + "."):
+            return i
+    return None
+
+
+def plan_blocks(model: nn.Module, targets: list[Target]) -> BlockPlan | None:
+    """Assign targets to blocks; None (the layer-by-layer path) when there are no blocks, a target
+    outside the blocks comes before a target inside them, or a weight is applied by several layers."""
+    found = find_blocks(model)
+    if not found:
+        return None
+    names = [n for n, _ in found]
+    inside: list[list[Target]] = [[] for _ in found]
+    tail: list[Target] = []
+    for t in targets:
+        if len(linear_holders(model, t)) > 1:
+            return None  # a weight tied across layers: its H sums every use, which one block pass cannot see
+        i = _owner(t.name, names)
+        if i is None:
+            tail.append(t)
+        elif tail:
+            return None  # a target outside the blocks runs before this one: keep the exact order
+        else:
+            inside[i].append(t)
+    if not any(inside):
+        return None
+    return BlockPlan([(n, b, ts) for (n, b), ts in zip(found, inside)], tail, verify_chain=not chain_is_known(model))
+
+
+# ----------------------------------------------------------------------------- cached block inputs
+@dataclass
+class BlockInput:
+    """One calibration batch's call of a block: positional and keyword arguments besides the hidden state."""
+
+    args: tuple
+    kwargs: dict
+    positional: bool  # the hidden state is args[0] (else kwargs["hidden_states"])
+
+
+def capture_inputs(model: nn.Module, block: nn.Module, calib: Calibration, dtype: torch.dtype | None):
+    """(call records, hidden states) of ``block``'s first call for every calibration batch."""
+    calls: list[BlockInput] = []
+    hidden: list[torch.Tensor] = []
+
+    def hook(mod, args, kwargs):
+        positional = len(args) > 0
+        h = args[0] if positional else kwargs["hidden_states"]
+        calls.append(BlockInput(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, positional))
+        hidden.append(h.detach() if dtype is None else h.detach().to(dtype))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for x, _ in calib.batches:
+                before = len(calls)
+                try:
+                    model(x)
+                except _StopForward:
+                    pass
+                if len(calls) == before:
+                    raise BrainsurgeonError("the model's first block is not called in its forward pass; cannot calibrate block by block")
+    finally:
+        handle.remove()
+    return calls, hidden
+
+
+def call_block(block: nn.Module, inp: BlockInput, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The block's output tensor (its hidden state) on one cached batch."""
+    h = hidden.to(dtype) if dtype is not None and hidden.is_floating_point() and hidden.dtype != dtype else hidden
+    out = block(h, *inp.args, **inp.kwargs) if inp.positional else block(*inp.args, hidden_states=h, **inp.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _block_dtype(block: nn.Module) -> torch.dtype | None:
+    """The dtype a block computes in: its first floating parameter's (None: no parameters)."""
+    return next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
+
+
+def _rows_at(block: nn.Module, module: nn.Module, inp: BlockInput, hidden: torch.Tensor, dtype) -> torch.Tensor:
+    """``module``'s input rows at its first call in ``block`` (the pass stops there), captured as the
+    layer-by-layer path captures them (``targets.register_input_capture``)."""
+    box: list[torch.Tensor] = []
+
+    def on_rows(rows):
+        box.append(rows)
+        raise _StopForward
+
+    handle = register_input_capture(block, module, on_rows)
+    try:
+        with torch.no_grad():
+            try:
+                call_block(block, inp, hidden, dtype)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if not box:
+        raise BrainsurgeonError(
+            "a target layer is not called in its block's forward pass, so it has no calibration inputs; exclude it "
+            "with layers={'exclude': [...]}"
+        )
+    return box[0]
+
+
+def input_groups(block: nn.Module, targets: list[Target], inp: BlockInput, hidden: torch.Tensor, dtype) -> list[list[Target]]:
+    """``targets`` grouped by the tensor their first call reads, groups in call order (one hooked pass).
+    A target whose module is not itself called (the out_proj of a MultiheadAttention, captured on
+    the attention) is a group of its own."""
+    first: dict[str, torch.Tensor] = {}
+    order: list[Target] = []
+    handles = []
+    for t in targets:
+        def on_rows(rows, t=t):
+            if t not in order:
+                order.append(t)
+
+        def hook(mod, args, t=t):
+            first.setdefault(t.name, args[0])
+
+        handles.append(register_input_capture(block, t.module, on_rows))
+        handles.append(t.module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_block(block, inp, hidden, dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [t.name for t in targets if t not in order]
+    if missing:
+        raise BrainsurgeonError(
+            f"layer(s) {missing} are not called in their block's forward pass, so they have no calibration inputs; "
+            "exclude them with layers={'exclude': [...]}"
+        )
+    groups: list[list[Target]] = []
+    for t in order:
+        for g in groups:
+            if t.name in first and first.get(g[0].name) is first[t.name]:
+                g.append(t)
+                break
+        else:
+            groups.append([t])
+    return groups
+
+
+# ----------------------------------------------------------------------------- the walk
+Visit = Callable[[str, Target, LayerInputStats], None]
+
+
+def _group_stats(block, ref_block, group, calls, hidden, ref_hidden, with_hessian, dtype) -> LayerInputStats:
+    """ONE accumulation of the group's shared input over every cached batch (paired with the dense
+    block's when ``ref_block`` is given: the error-correcting cross term)."""
+    lead = group[0]
+    check_supported(lead)
+    paired = ref_block is not None
+    acc = _Accumulator(lead.weight_matrix().shape[1], lead.weight.device, with_hessian or paired, with_cross=paired)
+    ref_module = ref_block.get_submodule(_relative(lead, block)) if paired else None
+    for i, inp in enumerate(calls):
+        rows = _rows_at(block, lead.module, inp, hidden[i], dtype)
+        ref_rows = _rows_at(ref_block, ref_module, inp, ref_hidden[i], dtype) if paired else None
+        acc.add(rows, ref_rows)
+    return acc.result()
+
+
+def _relative(target: Target, block: nn.Module) -> str:
+    for name, mod in block.named_modules():
+        if mod is target.module:
+            return name
+    raise RuntimeError(f"{target.name} is not inside its block")  # a bug in plan_blocks
+
+
+def _share(stats: LayerInputStats, last: bool) -> LayerInputStats:
+    """The group's statistics for one member: solvers condition H in place, so all but the last get a copy."""
+    if last:
+        return stats
+    clone = (lambda t: None if t is None else t.clone())
+    return LayerInputStats(clone(stats.hessian), stats.sq_norms.clone(), stats.num_rows, clone(stats.cross))
+
+
+def walk_blocks(
+    model: nn.Module, plan: BlockPlan, calib: Calibration, visit: Visit, *, with_hessian: bool,
+    paired: bool = False, activations_dtype: torch.dtype | None = None, track=None,
+    hooks: "BlockHooks | None" = None,
+) -> None:
+    """Visit every target inside the blocks with its input statistics, block by block (module doc).
+
+    ``visit(block_name, target, stats)`` may change the target's weight in place (pruning): later
+    groups and blocks see the change. ``paired``: statistics carry the cross term with the dense
+    network's inputs (error correction). ``hooks``: what happens around each block and group
+    (loading and releasing blocks out of core, splitting a group's solves across ranks)."""
+    hooks = hooks or BlockHooks()
+    calls, hidden = capture_inputs(model, plan.blocks[0][1], calib, activations_dtype)
+    hidden = hooks.store(hidden)
+    ref_hidden = hooks.store([h.clone() for h in hidden]) if paired else None
+    plan.passes += 1
+    blocks = plan.blocks if track is None else track(plan.blocks, "blocks", total=len(plan.blocks))
+    model_dtype = _block_dtype(model)  # for blocks without parameters (activations of a Sequential)
+    for bname, block, targets in blocks:
+        hooks.before_block(bname, block)
+        dtype = _block_dtype(block) or model_dtype
+        ref_block = copy.deepcopy(block) if paired else None
+        if targets and hooks.prunes(bname):
+            for group in input_groups(block, targets, calls[0], hidden[0], dtype):
+                stats = _group_stats(block, ref_block, group, calls, hidden, ref_hidden, with_hessian, dtype)
+                plan.passes += 1
+                for j, t in enumerate(group):
+                    if hooks.solves(j):
+                        visit(bname, t, _share(stats, j == len(group) - 1))
+                hooks.after_group(group)
+        hidden = hooks.store(_advance(block, calls, hidden, dtype, activations_dtype))
+        if paired:
+            ref_hidden = hooks.store(_advance(ref_block, calls, ref_hidden, dtype, activations_dtype))
+        plan.passes += 1
+        hooks.after_block(bname, block)
+
+
+class BlockHooks:
+    """What :func:`walk_blocks` does around blocks and groups; the defaults do nothing.
+
+    Subclasses: ``distributed.SplitHooks`` (each rank solves its share of a group's layers, then
+    they are broadcast), ``offload.DiskHooks`` (a block's weights are loaded before it and written
+    out and released after it; cached activations live on disk)."""
+
+    def before_block(self, name: str, block: nn.Module) -> None:
+        """Called before anything touches ``block``."""
+
+    def after_block(self, name: str, block: nn.Module) -> None:
+        """Called once ``block`` is pruned and its outputs are computed."""
+
+    def prunes(self, name: str) -> bool:
+        """Whether block ``name`` is to be pruned (False: it already is, e.g. in a resumed run)."""
+        return True
+
+    def solves(self, index: int) -> bool:
+        """Whether this process solves the ``index``-th layer of the current group."""
+        return True
+
+    def dense_pass(self) -> "BlockHooks":
+        """The hooks for a pass over the dense blocks that prunes nothing (an allocation's statistics)."""
+        return self
+
+    def attach(self, masks: dict) -> None:
+        """The method's keep-mask dictionary, filled as layers are solved (hooks may move masks out
+        of memory once their block is written)."""
+
+    def after_group(self, group: list[Target]) -> None:
+        """Called after every layer of a group that :meth:`solves` is solved."""
+
+    def store(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Where the cached activations live (default: memory as they are)."""
+        return hidden
+
+
+def _advance(block, calls, hidden, dtype, activations_dtype) -> list[torch.Tensor]:
+    """The block's outputs on every cached batch: the next block's inputs."""
+    out = []
+    with torch.no_grad():
+        for inp, h in zip(calls, hidden):
+            y = call_block(block, inp, h, dtype).detach()
+            out.append(y if activations_dtype is None else y.to(activations_dtype))
+    return out

@@ -1,0 +1,140 @@
+"""`brainsurgeon prune --hf` / `evaluate --hf` on a tiny saved Llama with a tokenizer trained in the
+test (no downloads, no material): the output reloads in plain transformers with the logits of the
+Python API's result, the report's perplexities are the library's, bad input exits 2 in one line."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import brainsurgeon as bs
+import brainsurgeon.cli.core  # noqa: F401  (registers the commands on the app)
+from brainsurgeon import text as bstext
+from brainsurgeon.cli import app
+from test_text import corpus, tiny_llama, tiny_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+runner = CliRunner()
+SEQ, N, WINDOWS = 16, 8, 4
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_bad_input(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    for f in fragments:
+        assert f in result.output, result.output
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """A saved tiny Llama + tokenizer, and a text long enough for N windows after the 10% holdout."""
+    root = tmp_path_factory.mktemp("hf")
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "corpus.txt").write_text(corpus(1200), encoding="utf-8")
+    (root / "heldout.txt").write_text(corpus(400, seed=7), encoding="utf-8")
+    return root
+
+
+def prune_args(material, out, *extra):
+    return ("prune", "--hf", material / "model", "--text", material / "corpus.txt", "--method", "sparsegpt",
+            "--sparsity", "0.5", "--num-samples", N, "--seq-len", SEQ, "--eval-windows", WINDOWS, "--out", out, *extra)
+
+
+def test_prune_hf_round_trip(material, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    before = digest(material / "model")
+    out = tmp_path / "pruned"
+    result = invoke(*prune_args(material, out))
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+    assert digest(material / "model") == before  # the input directory is untouched
+    assert {"config.json", "model.safetensors", "tokenizer.json", "report.json"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    # The same calibration windows through the Python API give the same model, bit for bit.
+    tok = AutoTokenizer.from_pretrained(material / "model")
+    dense = AutoModelForCausalLM.from_pretrained(material / "model")
+    ids = bstext.tokenize(tok, material / "corpus.txt")
+    cut = int(round(ids.numel() * 0.9))
+    calib = bstext.sample_windows(ids[:cut], N, SEQ, seed=0)
+    res = bs.prune(dense, calib, method="sparsegpt", sparsity=0.5, num_samples=N, seed=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
+    x = ids[:SEQ][None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, res.model.eval()(x).logits)
+    for name, p in res.model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], p), name
+    linears = [m for n, m in reloaded.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((m.weight == 0).sum()) for m in linears) / sum(m.weight.numel() for m in linears)
+    assert zeros == pytest.approx(0.5, abs=1e-9)
+
+    report = json.loads((out / "report.json").read_text())
+    ev = report["evaluation"]
+    held = ids[cut:]
+    assert ev["perplexity_before"] == pytest.approx(bstext.perplexity_of_ids(dense, held, SEQ, WINDOWS)["perplexity"], rel=1e-12)
+    assert ev["perplexity_after"] == pytest.approx(bstext.perplexity_of_ids(reloaded, held, SEQ, WINDOWS)["perplexity"], rel=1e-12)
+    assert ev["perplexity_after"] != pytest.approx(ev["perplexity_before"], rel=1e-6)
+    assert ev["windows"] == WINDOWS and report["calibration"]["num_samples"] == N
+
+    # evaluate --hf: the library's perplexity and the sparsity of the block linears
+    result = invoke("evaluate", "--hf", out, "--text", material / "heldout.txt", "--seq-len", SEQ, "--eval-windows", 3, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["perplexity"] == pytest.approx(bs.text.perplexity(reloaded, tok, material / "heldout.txt", SEQ, 3), rel=1e-12)
+    assert metrics["windows"] == 3 and metrics["sparsity"] == pytest.approx(0.5, abs=1e-9)
+
+    # --out exists: refused without --force; replaced with it (here with an evaluation text)
+    assert_bad_input(invoke(*prune_args(material, out)), "exists", "--force")
+    result = invoke(*prune_args(material, out, "--force", "--eval-text", material / "heldout.txt"))
+    assert result.exit_code == 0, result.output
+    ev2 = json.loads((out / "report.json").read_text())["evaluation"]
+    assert ev2["text"] == str(material / "heldout.txt")
+    assert ev2["perplexity_before"] == pytest.approx(
+        bstext.perplexity_of_ids(dense, bstext.tokenize(tok, material / "heldout.txt"), SEQ, WINDOWS)["perplexity"], rel=1e-12)
+
+
+def test_prune_hf_bad_input_exits_2_in_one_line(material, tmp_path):
+    out = tmp_path / "out"
+    model_dir, txt = material / "model", material / "corpus.txt"
+    base = ("--method", "sparsegpt", "--sparsity", "0.5", "--seq-len", SEQ, "--num-samples", N)
+    assert_bad_input(invoke("prune", "--hf", model_dir, *base, "--out", out), "--hf needs --text")
+    assert_bad_input(invoke("prune", "--text", txt, *base, "--out", out), "give --hf DIR")
+    assert_bad_input(invoke("prune", "--hf", model_dir, "--text", txt, *base, "--out", model_dir, "--force"), "is or contains the input")
+    assert_bad_input(invoke("prune", "--hf", model_dir, "--text", txt, *base, "--out", material, "--force"), "is or contains the input")
+    assert_bad_input(invoke("prune", "--hf", tmp_path, "--text", txt, *base, "--out", out), "no config.json")
+    assert_bad_input(invoke("prune", "--hf", model_dir, "--text", tmp_path / "nope.txt", *base, "--out", out), "does not exist")
+    assert_bad_input(invoke("prune", "--hf", model_dir, "--text", txt, "--method", "sparsegpt", "--sparsity", "0.5",
+                            "--seq-len", SEQ, "--num-samples", 500, "--out", out), "fewer than --num-samples x --seq-len", "--eval-text")
+    assert_bad_input(invoke("prune", "--hf", model_dir, "--text", txt, "--method", "sparsegpt", "--sparsity", "0.5",
+                            "--seq-len", 65, "--out", out), "exceeds the model's context of 64")
+    assert_bad_input(invoke("prune", "--hf", model_dir, "--text", txt, *base, "--holdout", "1.5", "--out", out), "--holdout")
+    assert_bad_input(invoke("prune", "--hf", model_dir, "--text", txt, "--method", "magnitude", "--sparsity", "0.25",
+                            "--structure", "channel", "--out", out), "--no-compact")
+    assert not out.exists()
+
+    # a tokenizer whose ids the model cannot embed
+    mismatch = tmp_path / "mismatch"
+    tok = tiny_tokenizer()
+    tiny_llama(len(tok) - 3).save_pretrained(mismatch)
+    tok.save_pretrained(mismatch)
+    assert_bad_input(invoke("prune", "--hf", mismatch, "--text", txt, *base, "--out", out), "do not belong together")
+    assert_bad_input(invoke("evaluate", "--hf", mismatch, "--text", txt, "--seq-len", SEQ), "do not belong together")
+    assert_bad_input(invoke("evaluate", "--hf", model_dir, "--seq-len", SEQ), "--hf needs --text")
+    assert_bad_input(invoke("evaluate", "--text", txt), "give --hf DIR")
