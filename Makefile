@@ -47,21 +47,27 @@ prepare-llm: $(STAMP)
 	$(PY) benchmarks/prepare_llm.py
 
 # hours on 2 shared cores: cells run most important first and are cached (rerun to add the missing ones)
-bench-llm: $(STAMP)
+bench-llm: prepare-llm
 	$(PY) benchmarks/llm.py
 
 # needs SmolLM2-135M-Instruct and the Austen texts under ~/.cache/brainsurgeon (see benchmarks/llm_inference.py)
 .PHONY: bench-llm-inference
-bench-llm-inference: $(STAMP)
+bench-llm-inference: prepare-llm
 	$(PY) benchmarks/llm_inference.py
 
 # heads + FFN neurons of SmolLM2-135M (needs prepare-llm); cells are appended to runs/llm_structured/results.jsonl
 # as they finish and skipped when present, then the BENCHMARKS.md section is written from them
 .PHONY: bench-llm-structured
-bench-llm-structured: $(STAMP)
+bench-llm-structured: prepare-llm
 	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,tp-magnitude --sparsities 0.2,0.3
 	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,taylor,obd,reconstruction,tp-magnitude,tp-taylor --sparsities 0.1,0.2,0.3,0.4
 	$(PY) benchmarks/llm_structured.py --record
+
+# a 5 GiB random Llama pruned out of core under an address-space limit, and 1 vs 2 gloo processes on
+# SmolLM2-135M (needs prepare-llm); about an hour on 2 cores
+.PHONY: bench-scale
+bench-scale: prepare-llm
+	$(PY) benchmarks/scale.py --parts memory,distributed
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

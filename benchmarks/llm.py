@@ -12,14 +12,16 @@ global, owl} (N:M only uniform); peers on the same tokens: ``ref-sparsegpt`` (th
 ``llmc-sparsegpt`` / ``llmc-wanda`` (llm-compressor's ``SparseGPTModifier`` /
 ``WandaPruningModifier`` through ``oneshot``, in its own venv). Each cell runs in a subprocess:
 its wall time of the pruning call, the peak RSS of the pruning call (``/proc/self/clear_refs`` reset
-before the call, ``VmHWM`` after) and of the whole subprocess (``wait4``). Finished cells are kept in
+before the call, ``VmHWM`` after) and of the whole subprocess (``getrusage``). Finished cells are kept in
 ``runs/bench/llm.json``; a rerun adds the missing cells and rewrites the BENCHMARKS.md section.
+``--jobs N`` runs N cells at once (a brainsurgeon cell and its reference run side by side, under the
+same load).
 
 Reference SparseGPT, what is changed to run it here (its files are not edited; they are imported
 from the cache ``make prepare-llm`` exported them to): ``torch.cuda.synchronize`` is replaced by a
 no-op (CPU only) and ``dev = cpu``; ``llama.args`` is set to the driver's defaults with
-``nsamples=128`` and the cell's sparsity/N:M (no ``--true-sequential``, ``percdamp=0.01``,
-``blocksize=128``); ``model.seqlen = 512``; its dataloader is our 128 windows as ``(ids,)`` tuples.
+``nsamples`` = the calibration windows and the cell's sparsity/N:M (no ``--true-sequential``, ``percdamp=0.01``,
+``blocksize=128``); ``model.seqlen = 512``; its dataloader is our calibration windows as ``(ids,)`` tuples.
 Transformers 5 decoder layers need the rotary ``position_embeddings`` that the 2023 driver does not
 pass (it calls ``layer(x, attention_mask=mask)``): ``LlamaDecoderLayer.forward`` is wrapped to
 compute them from the model's own ``rotary_emb`` when they are missing.
@@ -50,7 +52,7 @@ WORK = CACHE / "llm-bench"
 STORE = ROOT / "runs" / "bench" / "llm.json"
 CALIBRATION = ["sense_and_sensibility", "pride_and_prejudice", "mansfield_park", "emma", "northanger_abbey"]
 HELD_OUT = "persuasion"
-NUM_SAMPLES, SEQ_LEN, EVAL_WINDOWS, SEED = 128, 512, 40, 0
+NUM_SAMPLES, SEQ_LEN, EVAL_WINDOWS, SEED = 128, 512, 40, 0  # the protocol; --num-samples/--eval-windows
 METHODS = ["sparsegpt", "wanda", "magnitude"]
 SPARSITIES = ["0.5", "2:4", "4:8", "0.6", "0.7"]
 ALLOCATIONS = ["uniform", "global", "owl"]
@@ -66,6 +68,19 @@ PRIORITY = [
     ("brainsurgeon", "sparsegpt", "0.7", "global"), ("brainsurgeon", "sparsegpt", "0.5", "global"),
     ("llmc-sparsegpt", "sparsegpt", "0.5", "uniform"), ("llmc-wanda", "wanda", "0.5", "uniform"),
 ]
+
+
+def set_protocol(num_samples: int, eval_windows: int) -> None:
+    """A reduced protocol (fewer calibration windows / evaluation windows) gets its own store and
+    section, whose title says so: it never mixes with the full protocol's cells."""
+    global NUM_SAMPLES, EVAL_WINDOWS, STORE
+    NUM_SAMPLES, EVAL_WINDOWS = num_samples, eval_windows
+    if not full_protocol():
+        STORE = ROOT / "runs" / "bench" / f"llm_{NUM_SAMPLES}x{SEQ_LEN}_w{EVAL_WINDOWS}.json"
+
+
+def full_protocol() -> bool:
+    return (NUM_SAMPLES, EVAL_WINDOWS) == (128, 40)
 
 
 def log(msg: str) -> None:
@@ -92,7 +107,7 @@ def tokens_file() -> Path:
 
     from brainsurgeon import text as bstext
 
-    path = WORK / f"tokens_{NUM_SAMPLES}x{SEQ_LEN}_s{SEED}.safetensors"
+    path = WORK / f"tokens_{NUM_SAMPLES}x{SEQ_LEN}_s{SEED}_w{EVAL_WINDOWS}.safetensors"
     if path.exists():
         return path
     WORK.mkdir(parents=True, exist_ok=True)
@@ -325,10 +340,17 @@ def run_llmc(cell: dict, calib, eval_ids, tokens: Path, threads: int) -> dict:
     return out
 
 
+STOP = WORK / "STOP"  # touch it to let the running cells finish and start no new one
+
+
 def child(cell: dict, tokens: Path, threads: int) -> None:
     import torch
 
+    if STOP.exists():
+        raise SystemExit(f"not started: {STOP} exists")
+
     torch.set_num_threads(threads)
+    set_protocol(cell["num_samples"], cell["eval_windows"])
     calib, eval_ids = load_tokens(tokens)
     impl = cell["impl"]
     if impl == "dense":
@@ -415,14 +437,24 @@ def main(argv=None) -> None:
                     help="torch threads in every cell, the same for peers (1: on shared cores more threads spin-wait)")
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per cell")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at once (each in its own process)")
+    ap.add_argument("--num-samples", type=int, default=NUM_SAMPLES,
+                    help="calibration windows; anything but 128 (with --eval-windows 40) is a reduced protocol, stored and recorded apart")
+    ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS, help="evaluation windows of 512 tokens")
     ap.add_argument("--rerun", action="store_true", help="run the selected cells even if stored")
     ap.add_argument("--retry-errors", action="store_true", help="rerun stored cells that failed")
     ap.add_argument("--no-record", action="store_true", help="do not write BENCHMARKS.md")
+    ap.add_argument("--record-only", action="store_true", help="rewrite the BENCHMARKS.md section from the stored cells")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell:
         return child(json.loads(args.cell), args.tokens, args.threads)
+    set_protocol(args.num_samples, args.eval_windows)
+    import torch
+
+    torch.set_num_threads(args.threads)  # the parent only tokenises; this is what the section's header reports
+    if args.record_only:
+        return record(load_store())
     for p in (MODEL / "config.json", AUSTEN / f"{HELD_OUT}.txt"):
         if not p.exists():
             raise SystemExit(f"{p} is missing: run `make prepare-llm` first")
@@ -435,7 +467,7 @@ def main(argv=None) -> None:
         if old and not args.rerun and not (args.retry_errors and "error" in old):
             continue
         cell = {"impl": impl, "method": method, "sparsity": s, "allocation": alloc, "threads": args.threads,
-                "jobs": args.jobs}
+                "jobs": args.jobs, "num_samples": NUM_SAMPLES, "eval_windows": EVAL_WINDOWS}
         if (impl, method, s, alloc) == ("brainsurgeon", "sparsegpt", "0.5", "uniform"):
             cell["roundtrip"] = True
         todo.append((key, cell))
@@ -561,8 +593,14 @@ def render(store: dict, doc: str) -> str:
 def record(store: dict) -> None:
     from _record import record_section
 
-    record_section("llm", "SmolLM2-135M on Jane Austen: brainsurgeon against the reference SparseGPT and llm-compressor",
-                   "make bench-llm", render(store, __doc__))
+    title = "SmolLM2-135M on Jane Austen: brainsurgeon against the reference SparseGPT and llm-compressor"
+    if full_protocol():
+        return record_section("llm", title, "make bench-llm", render(store, __doc__))
+    note = (f"**Reduced protocol** (the machine's 2 cores were shared by ~8 jobs, load average 10-15: a full-protocol "
+            f"cell needs over an hour): {NUM_SAMPLES} calibration windows of {SEQ_LEN} tokens (not 128) and "
+            f"{EVAL_WINDOWS} evaluation windows (not 40); everything else as in the full protocol below.\n\n")
+    record_section(f"llm-{NUM_SAMPLES}x{SEQ_LEN}-w{EVAL_WINDOWS}", title + f" (reduced: {NUM_SAMPLES} x {SEQ_LEN}, {EVAL_WINDOWS} windows)",
+                   f"python benchmarks/llm.py --num-samples {NUM_SAMPLES} --eval-windows {EVAL_WINDOWS}", note + render(store, __doc__))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,19 @@ def test_structure_parse_errors(bad):
 def test_structure_parse_nm():
     st = Structure.parse("2:4")
     assert st.is_nm and (st.n, st.m) == (2, 4) and st.sparsity == 0.5 and str(st) == "2:4"
+
+
+def test_lowest_k_mask_equals_a_stable_sort_with_ties_and_nan():
+    """The selection keeps exactly what a stable argsort would: ties by position, NaN as the largest."""
+    from brainsurgeon.allocation import lowest_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        s = torch.randint(0, 4, (n,), generator=g).float()
+        if trial % 3 == 0:
+            s[int(torch.randint(0, n, (1,), generator=g))] = float("nan")
+        for k in range(n + 1):
+            expected = torch.ones(n, dtype=torch.bool)
+            expected[torch.argsort(s.double(), stable=True)[:k]] = False
+            assert torch.equal(lowest_k_mask(s, k), expected), (s, k)

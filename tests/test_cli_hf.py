@@ -138,3 +138,59 @@ def test_prune_hf_bad_input_exits_2_in_one_line(material, tmp_path):
     assert_bad_input(invoke("evaluate", "--hf", mismatch, "--text", txt, "--seq-len", SEQ), "do not belong together")
     assert_bad_input(invoke("evaluate", "--hf", model_dir, "--seq-len", SEQ), "--hf needs --text")
     assert_bad_input(invoke("evaluate", "--text", txt), "give --hf DIR")
+
+
+def test_prune_hf_channel_zeroed_units_round_trip(material, tmp_path):
+    """--structure channel --no-compact: heads and FFN neurons zeroed in place; plain transformers reloads it."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "channel"
+    result = invoke("prune", "--hf", material / "model", "--text", material / "corpus.txt", "--method", "magnitude",
+                    "--sparsity", "0.25", "--structure", "channel", "--no-compact", "--num-samples", N, "--seq-len", SEQ,
+                    "--eval-windows", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    report = json.loads((out / "report.json").read_text())
+    zero_rows = sum(int((m.weight.abs().sum(1) == 0).sum()) for n, m in reloaded.named_modules()
+                    if n.endswith(("up_proj", "gate_proj")))
+    assert zero_rows == 2 * report["overall"]["neurons_removed"] > 0  # each removed neuron: one gate row, one up row
+
+
+def test_prune_hf_out_of_core_and_resume_flags(material, tmp_path):
+    """--offload disk prunes the directory block by block into --out (the same weights as in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ooc"
+    result = invoke(*prune_args(material, out, "--offload", "disk"))
+    assert result.exit_code == 0, result.output
+    assert "block by block" in result.output
+    in_memory = tmp_path / "mem"
+    assert invoke(*prune_args(material, in_memory)).exit_code == 0
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(in_memory).state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in b)
+    assert (out / "tokenizer.json").is_file() and json.loads((out / "report.json").read_text())["offload"]["blocks"] > 0
+    assert_bad_input(invoke(*prune_args(material, tmp_path / "x", "--resume")), "--offload disk")
+    assert_bad_input(invoke(*prune_args(material, tmp_path / "y", "--offload", "disk", "--resume")), "no interrupted run")
+
+
+def test_prune_hf_under_torchrun_two_ranks(material, tmp_path):
+    """torchrun --nproc-per-node 2 -m brainsurgeon prune --hf ...: rank 0 writes the one-process result."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    out, single = tmp_path / "two", tmp_path / "one"
+    args = [str(a) for a in prune_args(material, out, "--quiet")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "brainsurgeon", "--threads", "1", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert invoke(*prune_args(material, single, "--quiet")).exit_code == 0
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(single).state_dict()
+    for k in b:
+        assert torch.equal(a[k] == 0, b[k] == 0), k  # the same masks
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), k  # float32 statistics, reduction order

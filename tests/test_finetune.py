@@ -91,14 +91,15 @@ def test_best_state_by_validation_loss_is_returned(mlp_case):
     hist = tuned.finetune_history
     losses = [e["val_loss"] for e in hist["epochs"]]
     assert len(losses) == 6
-    assert evaluate(tuned, val)["loss"] == pytest.approx(min(losses), rel=1e-5, abs=1e-6)
-    assert hist["best"]["val_loss"] == min(losses)
+    best = min(losses + [hist["initial"]["val_loss"]])  # the state before fine-tuning is a candidate too
+    assert evaluate(tuned, val)["loss"] == pytest.approx(best, rel=1e-5, abs=1e-6)
+    assert hist["best"]["val_loss"] == best
 
 
 def test_dense_model_finetunes_as_ordinary_model(cnn_case):
     """A model without zeros (e.g. a compact structured result) trains with no parametrization."""
     model, data = cnn_case
-    tuned = bs.finetune(model, data, epochs=2, batch_size=16, val_fraction=0.25)
+    tuned = bs.finetune(model, data, epochs=2, batch_size=16, val_fraction=0.25, select="last")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), model.parameters()))
     assert set(tuned.state_dict()) == set(model.state_dict())
 
@@ -169,3 +170,25 @@ def test_tiny_data_split_is_refused():
     x, y = tiny_data((8,), n=3)
     with pytest.raises(BrainsurgeonError, match="val_fraction"):
         FineTune((x, y), val_fraction=0.1)
+
+
+def test_attention_in_proj_masks_are_held_during_finetuning():
+    """nn.MultiheadAttention's in_proj_weight is a target: its mask is held like a Linear's."""
+
+    class Att(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            h, _ = self.att(x, x, x)
+            return self.fc(h.mean(1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5, 8), torch.randint(0, 4, (32,))
+    res = bs.prune(Att(), (x, y), "magnitude", 0.5)
+    tuned = bs.finetune(res.model, (x, y), epochs=2, batch_size=8, lr=0.1, select="last")
+    pruned = res.masks["att.in_proj_weight"].logical_not()
+    assert bool((tuned.att.in_proj_weight[pruned] == 0).all())
+    assert not torch.equal(tuned.att.in_proj_weight, res.model.att.in_proj_weight)  # the kept ones trained

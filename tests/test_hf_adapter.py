@@ -236,3 +236,11 @@ def test_batch_encoding_of_lists_and_ragged_refused():
     assert x.shape == (2, 2, 3) and y[1, 2] == -100
     with pytest.raises(BrainsurgeonError, match="rectangular"):
         token_batches(transformers.BatchEncoding({"input_ids": [[1, 2, 3], [4, 5]]}), model)
+
+
+def test_truncation_is_warned_and_reported():
+    import brainsurgeon as bs
+
+    with pytest.warns(UserWarning, match="first 4 of 6 sequences"):
+        res = bs.prune(tiny_llama(), tokens(6, 8), "wanda", 0.5, num_samples=4)
+    assert res.report["calibration_samples"] == {"used": 4, "given": 6, "truncated": True}

@@ -211,6 +211,8 @@ def test_methods_run_on_tiny_transformers_with_exact_counts(make, method, option
         options = {"curvature": "ggn"}  # the hidden-state loss: the empirical Fisher is 0 at the dense point
     if make is bert and method == "kfac-obd":
         options = {"fisher": "true"}  # the Monte-Carlo GGN (Gaussian targets)
+    if make is bert and method == "woodfisher":
+        options = {**options, "curvature": "fisher"}
     before = copy.deepcopy(model.state_dict())
     names = [t.name for t in targets]
     res = bs.prune(view, calib.batches, method, 0.5, loss_fn=view.loss_fn, layers=names, **options)
@@ -260,3 +262,14 @@ def test_bs_prune_takes_the_hf_model_itself(make, method):
     res = bs.prune(model, ids, method, 0.5, **options)
     assert res.report["overall"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-9)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("kfac-obd", {"fisher": "empirical"}), ("llm-surgeon", {}), ("woodfisher", {"block_size": 8}), ("obs", {"curvature": "empirical"})],
+)
+def test_empirical_fisher_of_the_hidden_state_loss_is_refused(method, options):
+    # its targets are the dense outputs: zero gradient, zero empirical Fisher, nothing to rank by
+    model, view, calib, targets = setup(bert)
+    with pytest.raises(bs.BrainsurgeonError, match="zero at the dense model"):
+        bs.prune(model, calib.batches[0][0], method, 0.5, **options)

@@ -108,6 +108,15 @@ def test_refusals_before_any_work(saved, tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
 
 
+def test_a_single_file_directory(tmp_path):
+    from test_hf_adapter import tiny_llama
+
+    tiny_llama(seed=1, layers=2).save_pretrained(tmp_path / "one")
+    assert not (tmp_path / "one" / offload.INDEX).exists()
+    res = offload.prune_offloaded(tmp_path / "one", _tokens(), "wanda", 0.5, out=tmp_path / "o", batch_size=2)
+    assert res.report["overall"]["achieved_sparsity"] == 0.5
+
+
 def test_directory_is_data_shapes_checked_before_loading(saved, tmp_path):
     import shutil
 
@@ -122,3 +131,15 @@ def test_directory_is_data_shapes_checked_before_loading(saved, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BrainsurgeonError, match="custom code"):
         offload.load_skeleton(bad)
+
+
+def test_bs_prune_takes_a_directory(saved, tmp_path):
+    res = bs.prune(str(saved), _tokens(), "wanda", 0.5, offload="disk", out=tmp_path / "o", batch_size=2)
+    assert res.model is None and (tmp_path / "o" / offload.INDEX).is_file()
+    loaded = bs.prune(saved, _tokens(), "wanda", 0.5, batch_size=2)  # no offload: loaded, pruned in memory
+    got = _weights(tmp_path / "o")
+    assert all(torch.equal(got[k], v) for k, v in loaded.model.state_dict().items())
+    with pytest.raises(BrainsurgeonError, match="give out="):
+        bs.prune(saved, _tokens(), "wanda", 0.5, offload="disk")
+    with pytest.raises(BrainsurgeonError, match="does not apply with offload"):
+        bs.prune(saved, _tokens(), "wanda", 0.5, offload="disk", out=tmp_path / "p", schedule="gradual")

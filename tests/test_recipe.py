@@ -92,7 +92,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     cut = validate(_recipe(tmp_path / "cut"), base=tmp_path)
     with pytest.raises(Killed):
         run_recipe(cut, round_hook=_kill_at(3))  # rounds 1 and 2 completed and saved
-    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    # the run works in .cut.partial/ beside its output and renames it only when finished
+    state = json.loads((tmp_path / ".cut.partial" / "checkpoint" / "state.json").read_text())
     assert state["round"] == 2 and len(state["history"]) == 2
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     resumed = run_recipe(cut, resume=True)

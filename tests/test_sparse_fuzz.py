@@ -183,3 +183,50 @@ def test_formats_decode_raises_only_brainsurgeon_errors():
                  {"bits": 4}, {"bits": 4, "entries": -1}, {"bits": 4, "entries": "8"}):
         with pytest.raises(BrainsurgeonError):
             formats.decode(formats.Encoded("delta", (4, 8), torch.float32, dict(d.parts), info))
+
+
+def test_fuzz_hf_directory_index(tmp_path, monkeypatch):
+    """The sparse HF directory's index, edited with its checksum recomputed: identical model or refused."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    from brainsurgeon.sparse import hf_dir
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, ::3] = 0
+    bs.save(model, tmp_path / "valid")
+    index = json.loads((tmp_path / "valid" / hf_dir.INDEX_FILE).read_text())
+    ref = model.state_dict()
+    rng = random.Random(SEED + 3)
+    names = sorted(index["weight_map"])
+    for i in range(60):
+        d = tmp_path / f"v{i}"
+        shutil.copytree(tmp_path / "valid", d)
+        changed = json.loads(json.dumps(index))
+        action = rng.randrange(7)
+        if action == 0:
+            changed["weight_map"].pop(rng.choice(names))
+        elif action == 1:
+            changed["weight_map"][rng.choice(names)] = rng.choice(["../x", "model.sparse.safetensors", 3])
+        elif action == 2:
+            changed["aliases"] = rng.choice([{}, {"lm_head.weight": "nope"}, {"x": names[0]}, [], None])
+        elif action == 3:
+            changed["shards"] = {rng.choice(["../../etc/passwd", "a.safetensors", next(iter(index["shards"]))]): "0" * 64}
+        elif action == 4:
+            changed[rng.choice(["format_version", "format", "config_sha256", "weight_map"])] = rng.choice(VALUES)
+        elif action == 5:
+            changed.pop(rng.choice(sorted(changed)))
+        else:
+            changed["weight_map"][f"extra.{i}"] = next(iter(index["shards"]))
+        changed["checksum"] = hf_dir._index_checksum(changed)
+        (d / hf_dir.INDEX_FILE).write_text(json.dumps(changed))
+        try:
+            loaded = bs.load(d)
+        except BrainsurgeonError as e:
+            assert "\n" not in str(e).strip()
+            continue
+        assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items()), f"variant {i}: {changed}"

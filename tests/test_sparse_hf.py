@@ -352,3 +352,26 @@ def test_onnx_greedy_decoding_matches_pytorch(tmp_path, pruned):
         export_hf_onnx(transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
                                                                        num_attention_heads=2, intermediate_size=64)),
                        tmp_path / "b.onnx")
+
+
+def test_gpt2_conv1d_layers_become_sparse_and_save_in_their_own_layout(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    conv1d = type(model.transformer.h[0].mlp.c_fc)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, conv1d):
+                w = mod.weight
+                w.view(-1)[w.abs().flatten().argsort()[: int(0.7 * w.numel())]] = 0.0
+    ids = torch.randint(0, VOCAB, (1, 8))
+    for fast in (bs.to_sparse(model, engine="numba_csr"), bs.to_sparse(model, prefill_tokens=16)):
+        assert fast.sparse_report["transformer.h.0.mlp.c_fc"]["kind"] == "conv1d"
+        with torch.no_grad():
+            assert (fast(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    fast = bs.to_sparse(model, engine="numba_csr")
+    assert isinstance(fast.transformer.h[0].mlp.c_fc, SparseLinear)
+    bs.save(fast, tmp_path / "d")
+    assert same_state(bs.load(tmp_path / "d"), model)
+    hf_dir.export_dense(fast, tmp_path / "plain")
+    assert same_state(transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "plain")), model)

@@ -219,4 +219,4 @@ def test_cli_round_to_and_speedup_in_the_summary(tmp_path):
     assert "speedup, batch 64" in r.output
     r = runner.invoke(app, ["prune", "--model", str(weights), "--data", "digits", "--method", "magnitude", "--sparsity",
                             "0.5", "--round-to", "16", "--out", str(tmp_path / "x")])
-    assert r.exit_code != 0 and "round_to= applies to structure='channel' only" in r.output
+    assert r.exit_code != 0 and "--round-to applies to --structure channel only" in r.output

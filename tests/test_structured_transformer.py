@@ -350,3 +350,102 @@ def test_reconstruction_refit_lowers_the_output_error(family):
     zero_units(layer_units(plain), a.masks)
     dense = _logits(model, x)
     assert (_logits(a.model, x) - dense).pow(2).mean() < (_logits(plain, x) - dense).pow(2).mean()
+
+
+def test_trained_bert_compaction_equals_masking():
+    """A tiny BERT trained on a synthetic task (is token 7 in the sequence?): pruning its heads and
+    FFN neurons compactly gives the masked model's outputs, and the model keeps most of its skill."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(8, VOCAB, (256, 10), generator=g)
+    labels = torch.randint(0, 2, (256,), generator=g)
+    pos = torch.randint(0, 10, (256,), generator=g)
+    ids[labels == 1, pos[labels == 1]] = 7
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(60):
+        i = torch.randint(0, 256, (32,), generator=g)
+        loss = model(input_ids=ids[i], labels=labels[i]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(input_ids=ids).logits.argmax(-1) == labels).float().mean()
+    assert acc > 0.9
+    data = {"input_ids": ids[:64], "labels": labels[:64]}
+    kw = dict(structure="channel", allocation="global", measure_latency=False)
+    a = bs.prune(model, data, "fisher-mask", 0.3, **kw)
+    b = bs.prune(model, data, "fisher-mask", 0.3, compact=False, **kw)
+    with torch.no_grad():
+        la, lb = a.model(input_ids=ids).logits, b.model(input_ids=ids).logits
+    assert torch.allclose(la, lb, atol=1e-5)
+    assert a.model.bert.encoder.layer[0].attention.self.query.out_features <= 32
+    assert sum(p.numel() for p in a.model.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
+def test_layer_structure_rebuilds_the_pruned_shapes(family):
+    """A model built from the dense config, shaped by the stored per-layer structure, loads the
+    pruned state dict strictly and gives identical outputs (what a loader needs)."""
+    from brainsurgeon.structured.transformer import apply_layer_structure, layer_structure
+
+    model = tiny(family)
+    _randomize_biases(model)
+    x = torch.randint(0, VOCAB, (2, 12))
+    pruned = copy.deepcopy(model)
+    layers = layer_units(pruned)
+    keep = _random_keep(layers, seed=4, empty_first=True)
+    compact_units(layers, keep, allow_empty_attention=True)
+    structure = layer_structure(pruned)
+    assert structure["layers"][0]["skipped"] and structure["layers"][0]["heads"] == 0
+    fresh = type(model)(model.config).eval()
+    apply_layer_structure(fresh, structure)
+    fresh.load_state_dict(pruned.state_dict(), strict=True)
+    assert torch.allclose(_logits(fresh, x), _logits(pruned, x), atol=1e-6)
+
+
+def test_layer_structure_keeps_biases_added_by_flap():
+    from brainsurgeon.structured.transformer import apply_layer_structure, layer_structure
+
+    model = tiny("llama")
+    x = torch.randint(0, VOCAB, (4, 12))
+    res = bs.prune(model, x, "flap", 0.3, structure="channel", allocation="global", measure_latency=False)
+    structure = layer_structure(res.model)
+    assert "model.layers.0.mlp.down_proj" in structure["biases"]
+    fresh = type(model)(model.config).eval()
+    apply_layer_structure(fresh, structure)
+    fresh.load_state_dict(res.model.state_dict(), strict=True)
+    assert torch.allclose(_logits(fresh, x), _logits(res.model, x), atol=1e-6)
+
+
+def test_unknown_attention_layout_is_refused_by_name():
+    cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=40, max_position_embeddings=64)
+    model = transformers.GPTNeoXForCausalLM(cfg).eval()
+    with pytest.raises(bs.BrainsurgeonError, match="GPTNeoXForCausalLM"):
+        bs.prune(model, torch.randint(0, VOCAB, (2, 8)), "magnitude", 0.2, structure="channel")
+
+
+def test_inconsistent_head_group_is_refused_by_name():
+    model = tiny("llama")
+    model.model.layers[1].self_attn.q_proj = torch.nn.Linear(32, 30, bias=False)
+    with pytest.raises(bs.BrainsurgeonError, match=r"model\.layers\.1\.self_attn\.q_proj.*cannot be pruned consistently"):
+        bs.prune(model, torch.randint(0, VOCAB, (2, 8)), "magnitude", 0.2, structure="channel")
+
+
+def test_report_counts_match_the_compact_model():
+    model = tiny("llama")
+    x = torch.randint(0, VOCAB, (4, 12))
+    res = bs.prune(model, x, "fisher-mask", 0.3, structure="channel", allocation="global", measure_latency=False)
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in res.model.parameters())
+    assert res.report["overall"]["removed_params"] == before - after
+    assert res.report["overall"]["achieved_sparsity"] >= 0.3
+    for i, (name, r) in enumerate(res.report["layers"].items()):
+        layer = res.model.model.layers[i]
+        assert r["ffn_before"] == 40 and r["ffn_after"] == layer.mlp.down_proj.in_features
+        assert r["heads_after"] * 8 == layer.self_attn.q_proj.out_features

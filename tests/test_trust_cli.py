@@ -346,6 +346,9 @@ def test_cli_messages_use_cli_spelling(tmp_path, weights):
     r = invoke("prune", "--model", weights, "--data", "digits", "--method", "magnitude", "--round-to", "16",
                "--sparsity", "0.5", "--out", tmp_path / "y")
     bad_input(r, "--round-to applies to --structure channel only")
+    body = recipe_body("o", schedule="oneshot", steps=3)  # the recipe's errors in the recipe's spelling
+    r = invoke("run", write_recipe(tmp_path / "r.yaml", body))
+    bad_input(r, "schedule: oneshot prunes in one round; got steps: 3")
 
 
 # ----------------------------------------------------------------------------- docs and reports
@@ -382,3 +385,25 @@ def test_eigendamage_reports_its_cost_and_the_cli_prints_it(tmp_path):
     assert cost["after"]["params"] < cost["before"]["params"]
     assert set(cost["speedup"]) == {"batch_1", "batch_64"}
     assert "speedup, batch 64" in r.output
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, monkeypatch):
+    import brainsurgeon.schedules as schedules
+
+    real = schedules.train_masked
+
+    def interrupt_in_round_2(model, masks, ft, steps, seed, phase="fine-tuning"):
+        if phase.startswith("fine-tuning round 2"):
+            raise KeyboardInterrupt
+        return real(model, masks, ft, steps, seed, phase)
+
+    monkeypatch.setattr(schedules, "train_masked", interrupt_in_round_2)
+    path = write_recipe(tmp_path / "r.yaml", recipe_body("out"))
+    r = invoke("run", path, "--quiet")
+    assert r.exit_code == 130 and "--resume" in r.output and ".out.partial" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(schedules, "train_masked", real)
+    resumed = invoke("run", path, "--quiet", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["schedule"]["resumed_from_round"] == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib
 import sys
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from brainsurgeon.curvature.layer_inputs import layer_input_stats
 from brainsurgeon.data import Calibration
 from brainsurgeon.errors import BrainsurgeonError
 from brainsurgeon.targets import find_targets
+from brainsurgeon.validation import DataWarning, calibrated_loss
 
 
 def _brute_ggn_diag(forward, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss=F.cross_entropy) -> torch.Tensor:
@@ -112,6 +114,16 @@ def test_uniform_allocation_never_empties_a_layer(method):
         assert int(keep.sum()) == keep.numel() - int(0.99 * keep.numel()), name  # floor(0.99 n) pruned
     assert res.report["capped_layers"] == {"0": 0.99, "2": 0.99}
     assert res.report["layers"]["2"]["target_sparsity"] == 0.99
+
+
+def test_rounding_is_not_reported_as_a_cap():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 101), nn.ReLU(), nn.Linear(101, 10)).eval()
+    x, y = torch.randn(32, 8), torch.randint(0, 10, (32,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # round(s * n) / n != s is no cap
+        res = bs.prune(model, (x, y), "magnitude", 0.3675444679663241)
+    assert "capped_layers" not in res.report
 
 
 # ----------------------------------------------------------------------------- skipped / new layer kinds
@@ -325,14 +337,40 @@ def test_bfloat16_sparsegpt_accumulates_in_float32():
     assert res.report["overall"]["achieved_sparsity"] == 0.5
 
 
-def test_class_weighted_cross_entropy_is_refused(mlp_case):
-    model, data = mlp_case
-    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    for method in ("obd", "woodfisher", "kfac-obd"):
-        with pytest.raises(BrainsurgeonError, match=r"weight=\.\.\.\) is not supported"):
-            bs.prune(model, data, method, 0.5, loss_fn=loss)
-    res = bs.prune(model, data, "magnitude", 0.5, loss_fn=loss)  # no curvature: fine
-    assert res.report["overall"]["achieved_sparsity"] == 0.5
+def test_class_weighted_cross_entropy_is_honoured_against_brute_force(mlp_case):
+    """The GGN of torch's own weighted mean over the calibration set, ignore_index and label smoothing
+    included: (sum_i w_i l_i) / (sum_i w_i), differentiated as one loss (no per-sample split)."""
+    model, _ = mlp_case
+    x, y = tiny_data((8,), n=24)
+    y[3] = -100
+    weight = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    base = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)
+    calib = Calibration([(x[:10], y[:10]), (x[10:], y[10:])])
+    loss = calibrated_loss(base, calib)
+    t = find_targets(model)[1]
+    diag = diagonal_curvature(model, find_targets(model), calib, loss, "ggn")[t.name]
+    m = copy.deepcopy(model).double().requires_grad_(False)
+    w0 = m.get_parameter(t.param_name)
+    f = lambda w: functional_call(m, {t.param_name: w}, (x.double(),))  # noqa: E731
+    full = nn.CrossEntropyLoss(weight=weight.double(), label_smoothing=0.1)
+    out = f(w0)
+    jac = jacrev(f)(w0).reshape(out.numel(), -1)
+    h = hessian(lambda o: full(o.reshape(out.shape), y))(out.reshape(-1))
+    brute = torch.einsum("an,ab,bn->n", jac, h, jac).reshape(w0.shape)
+    torch.testing.assert_close(diag, brute, rtol=1e-5, atol=1e-9)
+    # the class weights matter: the unweighted GGN differs
+    plain = diagonal_curvature(model, find_targets(model), calib, nn.CrossEntropyLoss(label_smoothing=0.1), "ggn")
+    assert float((plain[t.name] - brute).abs().max()) > 0.1 * float(brute.abs().max())
+    for method, opts in (("obd", {}), ("kfac-obd", {"fisher": "exact"}), ("woodfisher", {})):
+        res = bs.prune(model, (x, y), method, 0.5, loss_fn=base, **opts)
+        assert res.report["overall"]["achieved_sparsity"] == 0.5
+    # sampled labels have no data-label weight: refused, not silently unweighted
+    with pytest.raises(BrainsurgeonError, match="class weights"):
+        bs.prune(model, (x, y), "obd", 0.5, loss_fn=base, curvature="fisher")
+    with pytest.raises(BrainsurgeonError, match="class weights"):
+        bs.prune(model, (x, y), "kfac-obd", 0.5, loss_fn=base)
+    with pytest.raises(BrainsurgeonError, match="per-sample normalisation"):  # never silently dropped
+        diagonal_curvature(model, find_targets(model), calib, base, "ggn")
 
 
 def test_onnx_tests_skip_without_the_extra(monkeypatch):
@@ -397,7 +435,7 @@ def test_tied_layerwise_hessian_sums_the_inputs_of_every_holder():
         def forward(self, x):
             return self.net(x)
 
-    with pytest.raises(BrainsurgeonError, match="error_correction=False"):
+    with pytest.raises(BrainsurgeonError, match="used more than once.*error_correction=False"):
         bs.prune(Wrapped(), (x, y), "sparsegpt", 0.5, allocation="global")
     res = bs.prune(Wrapped(), (x, y), "sparsegpt", 0.5, allocation="global", error_correction=False)
     assert res.report["overall"]["achieved_sparsity"] == 0.5
@@ -467,3 +505,23 @@ def test_module_called_twice_counts_both_uses():
         return m.head(h)
 
     torch.testing.assert_close(diag["shared"], _brute_ggn_diag(forward, m.shared.weight, x, y), rtol=1e-5, atol=1e-10)
+    with pytest.raises(BrainsurgeonError, match="used more than once.*error_correction=False"):
+        bs.prune(model, (x, y), "sparsegpt", 0.5, allocation="global")
+    res = bs.prune(model, (x, y), "sparsegpt", 0.5, allocation="global", error_correction=False)
+    assert res.report["overall"]["achieved_sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_weighted_per_sample_losses_average_to_torchs_weighted_mean(soft):
+    torch.manual_seed(0)
+    out = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.softmax(torch.randn(6, 4, dtype=torch.float64), 1) if soft else torch.tensor([0, 1, 2, 3, 1, -100])
+    for base in (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64), label_smoothing=0.2),
+                 nn.NLLLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))):
+        if soft and isinstance(base, nn.NLLLoss):
+            continue
+        inputs = out.log_softmax(1) if isinstance(base, nn.NLLLoss) else out
+        loss = calibrated_loss(base, Calibration([(inputs[:4], y[:4]), (inputs[4:], y[4:])]))
+        mean = sum(loss.per_sample(inputs[i], y[i]) for i in range(6)) / 6
+        torch.testing.assert_close(mean, base(inputs, y))
+        torch.testing.assert_close(loss(inputs, y), base(inputs, y))  # a batch call is torch's own loss

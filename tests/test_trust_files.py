@@ -244,6 +244,17 @@ def test_truncated_files_are_one_line_errors(tmp_path):
         assert_one_line_error(cli("evaluate", "--model", tmp_path / "cut.safetensors", "--data", "digits"), "truncated")
 
 
+def test_truncated_data_file_is_a_one_line_error(tmp_path):
+    from brainsurgeon.data import load_tensor_file
+
+    save_file({"x": torch.randn(50, 8), "y": torch.zeros(50, dtype=torch.long)}, str(tmp_path / "d.safetensors"))
+    data = (tmp_path / "d.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BrainsurgeonError) as e:
+        load_tensor_file(tmp_path / "cut.safetensors")
+    assert "truncated" in one_line(e)
+
+
 def test_saving_to_a_directory_is_a_one_line_error(tmp_path):
     model = nn.Linear(2, 2)
     with pytest.raises(BrainsurgeonError, match="is a directory") as e:

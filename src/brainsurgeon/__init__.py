@@ -6,9 +6,9 @@ from .registry import methods, register
 
 __all__ = ["prune", "methods", "register", "PruneResult", "BrainsurgeonError", "MemoryBudgetError"]
 __version__ = "0.1.0"
-from .sparse import load, save, to_sparse  # noqa: E402
+from .sparse import export_dense, load, save, to_sparse  # noqa: E402
 
-__all__ += ["save", "load", "to_sparse"]
+__all__ += ["save", "load", "to_sparse", "export_dense"]
 from .finetune import FineTune, finetune  # noqa: E402
 from .sensitivity import sensitivity  # noqa: E402
 

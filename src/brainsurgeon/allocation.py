@@ -9,6 +9,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import BrainsurgeonError
@@ -51,13 +52,22 @@ def num_pruned(numel: int, sparsity: float) -> int:
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask (True = kept) that prunes the ``k`` lowest scores of ``scores``."""
-    flat = scores.reshape(-1)
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if k > 0:
-        order = torch.argsort(flat.double(), stable=True)
-        keep[order[:k]] = False
-    return keep.view_as(scores)
+    """Keep-mask (True = kept) that prunes the ``k`` lowest scores of ``scores``; ties at the k-th
+    value go by position (the result of a stable sort, NaN counting as the largest).
+
+    One selection (``np.partition``) instead of a full sort: on SmolLM2-135M's 210 linears the
+    masks took 20.2 s with a stable float64 argsort (1 thread)."""
+    flat = scores.detach().reshape(-1)
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.zeros_like(scores, dtype=torch.bool)
+    values = flat.double().cpu().numpy()
+    kth = np.partition(values, k - 1)[k - 1]  # the k-th lowest value
+    keep = ~(values < kth)
+    ties = np.flatnonzero(values == kth)[: k - int((~keep).sum())]
+    keep[ties] = False
+    return torch.from_numpy(keep).to(scores.device).view(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

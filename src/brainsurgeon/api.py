@@ -12,6 +12,7 @@ Layering: ``api`` -> ``schedules`` / ``structured`` -> ``engine`` (``prune_step`
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable
 
 import torch
@@ -50,13 +51,25 @@ def prune(
     compact: bool | None = None,
     round_to: int | None = None,
     recalibrate_bn: bool | str | None = None,
+    offload: str | None = None,
+    out=None,
+    offload_activations: bool = False,
+    resume: bool = False,
+    force: bool = False,
     **method_options,
 ) -> PruneResult:
     """Prune a copy of ``model`` with ``method`` to ``sparsity``; ``model`` itself is left untouched.
 
     Args:
         model: a trained ``nn.Module``, or a Hugging Face ``PreTrainedModel`` (Llama-like, GPT-2,
-            OPT, BERT layouts; see :mod:`brainsurgeon.adapters.hf`).
+            OPT, BERT layouts; see :mod:`brainsurgeon.adapters.hf`), or the path of a model: an HF
+            directory (``save_pretrained``, safetensors shards) or a brainsurgeon ``.safetensors``
+            file, loaded as data (no code from the files).
+        offload: ``"disk"`` with an HF directory: prune it block by block without ever holding more
+            than one block and the cached activations in memory, writing the result to the
+            directory ``out`` (``offload_activations`` puts the activations in memory-mapped files,
+            ``resume`` continues an interrupted run, ``force`` replaces an existing ``out``); the
+            result's ``model`` is then None. See :mod:`brainsurgeon.offload`.
         data: an iterable of ``(inputs, targets)`` batches (a DataLoader works) or one
             ``(inputs, targets)`` tuple of tensors; for an HF model: a LongTensor ``(N, L)`` of
             token ids, a tokenizer's ``BatchEncoding``, or an iterable of dicts with ``input_ids``
@@ -92,6 +105,16 @@ def prune(
         weights exactly zero), ``masks`` (True = kept, in each module's own weight orientation)
         and ``report``.
     """
+    if offload is not None or isinstance(model, (str, os.PathLike)):
+        return _prune_path(
+            model, data, method, sparsity, offload=offload, out=out, offload_activations=offload_activations,
+            resume=resume, force=force, structure=structure, allocation=allocation, layers=layers,
+            num_samples=num_samples, damping=damping, seed=seed, batch_size=batch_size, progress=progress,
+            max_layer_sparsity=max_layer_sparsity, loss_fn=loss_fn, device=device, schedule=schedule, steps=steps,
+            finetune=finetune, compact=compact, round_to=round_to, recalibrate_bn=recalibrate_bn, **method_options,
+        )
+    if out is not None or offload_activations or resume or force:
+        raise BrainsurgeonError("out=, offload_activations=, resume= and force= go with offload='disk'")
     common = dict(
         allocation=allocation, max_layer_sparsity=max_layer_sparsity, loss_fn=loss_fn, num_samples=num_samples,
         damping=damping, layers=layers, seed=seed, device=device, progress=progress,
@@ -114,6 +137,53 @@ def prune(
     run = prune_hf if hf else _run_schedule
     return run(model, data, method, sparsity, structure=structure, batch_size=batch_size, schedule=schedule,
                steps=steps, finetune=finetune, **common, **method_options)
+
+
+def _prune_path(model, data, method, sparsity, *, offload, out, offload_activations, resume, force, **kwargs) -> PruneResult:
+    """A model given by its path: out of core with ``offload="disk"``, else loaded (as data) and pruned."""
+    from pathlib import Path
+
+    if offload not in (None, "disk"):
+        raise BrainsurgeonError(f"offload must be None or 'disk', got {offload!r}")
+    if not isinstance(model, (str, os.PathLike)):
+        raise BrainsurgeonError("offload='disk' takes the model as the path of its HF directory, not a loaded model")
+    path = Path(model)
+    if offload == "disk":
+        if out is None:
+            raise BrainsurgeonError("offload='disk' writes the pruned model to a directory: give out='DIR'")
+        from .offload import prune_offloaded
+
+        keep = ("structure", "allocation", "layers", "num_samples", "damping", "seed", "progress", "batch_size")
+        method_options = {k: v for k, v in kwargs.items() if k not in keep and k not in _PATH_DEFAULTS}
+        for k, default in _PATH_DEFAULTS.items():
+            if kwargs.get(k, default) != default:
+                raise BrainsurgeonError(f"{k}= does not apply with offload='disk' (one-shot layer-wise pruning on the CPU)")
+        given = {k: kwargs[k] for k in keep}
+        given["batch_size"] = given["batch_size"] or DEFAULT_TOKEN_BATCH
+        return prune_offloaded(path, data, method, sparsity, out=out, offload_activations=offload_activations,
+                               resume=resume, force=force, **given, **method_options)
+    if out is not None or offload_activations or resume or force:
+        raise BrainsurgeonError("out=, offload_activations=, resume= and force= go with offload='disk'")
+    return prune(_load_path(path), data, method, sparsity, **kwargs)
+
+
+#: options of bs.prune that out-of-core pruning does not take, with their defaults
+_PATH_DEFAULTS = {"max_layer_sparsity": 0.99, "loss_fn": None, "device": "cpu", "schedule": "oneshot", "steps": None,
+                  "finetune": None, "compact": None, "round_to": None, "recalibrate_bn": None}
+
+
+def _load_path(path) -> nn.Module:
+    """An HF directory (its config names a transformers class; no remote code) or a brainsurgeon file."""
+    if path.is_dir():
+        from .offload import load_skeleton
+
+        skeleton, _ = load_skeleton(path)  # the config and shards checked as data before any weight is read
+        return type(skeleton).from_pretrained(str(path), local_files_only=True, trust_remote_code=False).eval()
+    if path.is_file():
+        from .sparse import load
+
+        return load(path)
+    raise BrainsurgeonError(f"{path} is neither an HF model directory nor a brainsurgeon model file")
 
 
 def _run_schedule(model, data, method, sparsity, **kwargs) -> PruneResult:
@@ -176,10 +246,10 @@ def prune_hf(model: nn.Module, data, method: str, sparsity, *, layers=None, loss
     linear_to_conv1d(pruned, swapped)
     pruned.train(model.training)
     report = dict(res.report)
-    report["options"] = {**report.get("options", {}), "layers": layers}
+    report["options"] = {**report.get("options", {}), "layers": layers, "num_samples": num_samples}
+    report["calibration_samples"] = {"used": batches.used, "given": batches.given, "truncated": batches.used < batches.given}
     report["model"] = {
         "family": adapter.family, "task": adapter.task, "blocks": len(adapter.blocks()),
         "conv1d_as_linear": swapped, "tied": adapter.tied_names(),
-        "num_samples": sum(len(x) for x, _ in batches),
     }
     return PruneResult(model=pruned, report=report, masks=conv1d_masks(res.masks, swapped))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import BrainsurgeonError
-from .io import atomic_path, write_json
+from .io import atomic_path, own_ties, untie, write_json
 
 STATE = "state.json"
 REPORT = "final_report.json"
@@ -60,7 +60,8 @@ class Checkpoint:
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        arrays, _ = untie(model.state_dict())  # a tied parameter is stored once; load() re-ties it
+        tensors = {f"model.{k}": v for k, v in arrays.items()}
         tensors.update({f"mask.{k}": v.detach().to(torch.uint8).contiguous().cpu() for k, v in masks.items()})
         tensors["rng"] = torch.get_rng_state()
         name = f"round_{round_index:03d}.safetensors"
@@ -108,6 +109,9 @@ class Checkpoint:
             raise BrainsurgeonError(f"checkpoint weights {weights} are unreadable (truncated or corrupted?): {e}; "
                                     "run without --resume") from e
         state_dict = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        for alias, kept in own_ties(model).items():  # a parameter the model ties may be stored once
+            if alias not in state_dict and kept in state_dict:
+                state_dict[alias] = state_dict[kept]
         masks = {k[len("mask."):]: v for k, v in tensors.items() if k.startswith("mask.")}
         bad = _tensors_problem(model, state_dict, masks, tensors.get("rng"))
         if bad:

@@ -226,9 +226,9 @@ def load_tensor_file(path: str | Path) -> Batch:
                     f"{path}: `x` and `y` must be numeric arrays (saved without pickle): {e}"
                 ) from e
     elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from .io import load_state  # truncated or corrupted files are one-line errors
 
-        t = load_file(str(path))
+        t = load_state(path)
         missing = {"x", "y"} - set(t)
         if missing:
             raise BrainsurgeonError(f"{path} lacks tensors {sorted(missing)}; it must hold `x` and `y`")

@@ -19,7 +19,10 @@ rank, each rank calibrating on its own shard of the calibration data:
 Equality with one process: the reduced sums differ from the single-process sums only in the order
 of float64 additions (relative error about 1e-16 per addition, measured below 1e-13 on H in the
 tests), so the masks are identical unless two saliencies tie within that error, and the weights
-agree to about 1e-10 relative (float64 models) / 1e-5 (float32). The tests state and check both.
+agree to about 1e-10 relative (float64 models) / 1e-5 (float32), except after an iterative solve,
+whose stopping rule sets the agreement (kfac-obs: conjugate gradients to a relative residual of
+1e-6). The tests state and check these tolerances (tests/test_distributed.py). A Monte-Carlo
+Fisher draws other labels on each rank than one process would: equal in distribution only.
 
 Bad set-ups are caught before the work by :func:`check_setup`: ranks disagreeing on the options
 (``num_samples`` included) or holding different model weights (a SHA-256 of every parameter and
@@ -123,6 +126,40 @@ def broadcast_(t: torch.Tensor, src: int, what: str = "broadcast of solved weigh
     with torch.no_grad():
         t.copy_(buf.to(device=t.device, dtype=t.dtype))
     return t
+
+
+def barrier(what: str = "wait for every rank") -> None:
+    """Every rank waits here for the others (no-op outside a process group)."""
+    if is_distributed():
+        with _collective(what):
+            _dist().barrier()
+
+
+def stream_from_ranks(make_chunks) -> "Iterator[torch.Tensor]":
+    """Every rank's chunks (e.g. per-sample gradients, rows x dim), rank 0's first, on every rank:
+    ``make_chunks()`` yields this rank's; each chunk is broadcast from its rank after a header with
+    its row count (-1 ends a rank's stream). Outside a process group: ``make_chunks()`` itself."""
+    if not is_distributed():
+        yield from make_chunks()
+        return
+    rank, size = world()
+    for r in range(size):
+        mine = iter(make_chunks()) if r == rank else None
+        while True:
+            chunk = next(mine, None) if r == rank else None
+            header = torch.zeros(3, dtype=torch.int64)  # rows, columns, dtype code of the next chunk
+            if r == rank:
+                header[:] = torch.tensor([-1, 0, 0] if chunk is None else [*chunk.shape, _DTYPES.index(chunk.dtype)])
+            broadcast_(header, r, "broadcast of a rank's gradient chunk")
+            rows, dim, code = (int(v) for v in header)
+            if rows < 0:
+                break
+            buf = chunk if r == rank else torch.empty(rows, dim, dtype=_DTYPES[code])
+            broadcast_(buf, r, "broadcast of a rank's gradient chunk")
+            yield buf
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _gather_bytes(payload: bytes, what: str) -> list[bytes]:

@@ -111,13 +111,16 @@ def _check_nm_fits(targets, structure: Structure) -> None:
 
 
 def _check_data_fits(model: nn.Module, calib: Calibration, loss_fn) -> None:
-    x, y = calib.batches[0]
+    # two samples say whether the data fit (a language model's logits over a whole batch cost
+    # gigabytes: 8 x 512 x 49152 floats for SmolLM2); every batch is validated separately
+    shape = tuple(calib.batches[0][0].shape)
+    x, y = (v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in calib.batches[0])
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as e:  # the model's own error says which shape it wanted
         raise BrainsurgeonError(
-            f"the data does not fit the model: inputs of shape {tuple(x.shape)} raised {type(e).__name__}: {e}"
+            f"the data does not fit the model: inputs of shape {shape} raised {type(e).__name__}: {e}"
         ) from e
     try:
         with torch.no_grad():
@@ -151,6 +154,7 @@ def working_context(model: nn.Module, data, opts: PruneOptions, layers, loss_fn,
     calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
     _check_data_fits(work, calib, loss_fn)
     validation.check_calibration(calib, loss_fn, validation.num_outputs(work, calib))  # every batch, not the first
+    loss_fn = validation.calibrated_loss(loss_fn, calib)  # class weights: per-sample terms normalised as torch does
     gen_device = opts.device if opts.device.type == "cuda" else torch.device("cpu")
     return PruneContext(
         model=work, targets=targets, calib=calib, loss_fn=loss_fn, options=opts,

@@ -182,52 +182,60 @@ def infer_masks(model: nn.Module, layers: LayerSpec = None) -> dict[str, torch.T
     return {t.name: t.weight.detach() != 0 for t in find_targets(model, layers)}
 
 
+def _prunable(model: nn.Module) -> dict:
+    """Every prunable weight of ``model`` by its mask name (``layer`` or ``layer.in_proj_weight``)."""
+    try:
+        return {t.name: t for t in find_targets(model)}
+    except BrainsurgeonError:
+        return {}
+
+
 def check_masks(model: nn.Module, masks: dict) -> dict[str, torch.Tensor]:
-    """Masks that name prunable layers of ``model`` and match their weights' shapes, as bool tensors."""
+    """Masks that name prunable weights of ``model`` and match their shapes, as bool tensors."""
     if not isinstance(masks, dict):
         raise BrainsurgeonError(f"masks must be a dict {{layer name: keep-mask}}, got {type(masks).__name__}")
-    modules = dict(model.named_modules())
+    targets = _prunable(model)
     out = {}
     for name, m in masks.items():
-        module = modules.get(name)
-        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-            raise BrainsurgeonError(f"masks names {name!r}, which is not a layer with a weight in the model")
+        t = targets.get(name)
+        if t is None:
+            raise BrainsurgeonError(f"masks names {name!r}, which is not a prunable weight of the model")
         m = torch.as_tensor(m)
-        if tuple(m.shape) != tuple(module.weight.shape):
-            raise BrainsurgeonError(
-                f"mask {name!r} has shape {tuple(m.shape)} but the weight has {tuple(module.weight.shape)}"
-            )
+        if tuple(m.shape) != tuple(t.weight.shape):
+            raise BrainsurgeonError(f"mask {name!r} has shape {tuple(m.shape)} but the weight has {tuple(t.weight.shape)}")
         out[name] = m.bool()
     return out
 
 
-def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[nn.Module]:
-    """Parametrize each masked layer's weight; the pruned entries of the original are zeroed too."""
-    modules = dict(model.named_modules())
+def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[tuple[nn.Module, str]]:
+    """Parametrize each masked weight (``weight``, or an attention's ``in_proj_weight``); the pruned
+    entries of the original are zeroed too. Returns the (module, parameter name) pairs."""
+    targets = _prunable(model)
     attached = []
     for name, mask in masks.items():
         if bool(mask.all()):
             continue  # nothing pruned: no parametrization needed
-        module = modules[name]
-        keep = mask.to(device=module.weight.device, dtype=module.weight.dtype)
+        t = targets[name]
+        keep = mask.to(device=t.weight.device, dtype=t.weight.dtype)
         with torch.no_grad():
-            module.weight.mul_(keep)
-        parametrize.register_parametrization(module, "weight", KeepMask(keep))
-        attached.append(module)
+            t.weight.mul_(keep)
+        parametrize.register_parametrization(t.module, t.attr, KeepMask(keep))
+        attached.append((t.module, t.attr))
     return attached
 
 
-def remask_originals(modules: list[nn.Module]) -> None:
+def remask_originals(attached: list[tuple[nn.Module, str]]) -> None:
     """Zero the pruned entries of the underlying parameters (after each optimizer step)."""
     with torch.no_grad():
-        for module in modules:
-            module.parametrizations.weight.original.mul_(module.parametrizations.weight[0].mask)
+        for module, attr in attached:
+            p = getattr(module.parametrizations, attr)
+            p.original.mul_(p[0].mask)
 
 
-def squash(modules: list[nn.Module]) -> None:
+def squash(attached: list[tuple[nn.Module, str]]) -> None:
     """Remove the parametrizations, leaving plain weights equal to ``original * mask``."""
-    for module in modules:
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    for module, attr in attached:
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 
 # ----------------------------------------------------------------------------- training

@@ -289,7 +289,7 @@ def model_from_state(
         model = build_model(spec, factory=factory, expected=expected)
     except BrainsurgeonError as e:
         raise BrainsurgeonError(f"{source}: {e}") from e
-    ties = {**{a: k for a, k in _own_ties(model).items() if a in state and k in state}, **(tied or {})}
+    ties = {**{a: k for a, k in own_ties(model).items() if a in state and k in state}, **(tied or {})}
     for alias, kept in ties.items():
         if state[alias] is not state[kept] and not torch.equal(state[alias], state[kept]):
             raise BrainsurgeonError(f"{source}: {alias} and {kept} are one parameter in the architecture, but the file "
@@ -303,7 +303,7 @@ def model_from_state(
     return model
 
 
-def _own_ties(model: nn.Module) -> dict[str, str]:
+def own_ties(model: nn.Module) -> dict[str, str]:
     """``{alias: first name}`` of parameters and buffers the architecture registers under several names."""
     first: dict[int, str] = {}
     ties: dict[str, str] = {}

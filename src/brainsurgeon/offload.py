@@ -15,7 +15,9 @@ and the activations flowing into it (:mod:`brainsurgeon.sequential`). Out of cor
    the index, config and tokenizer files written.
 
 Peak memory is one block's weights, its statistics (H = 2XX^T/N per input group, float64) and the
-cached activations, which ``offload_activations=True`` moves to memory-mapped files on disk.
+cached activations, which ``offload_activations=True`` moves to memory-mapped files on disk. With
+glibc, large buffers are mapped on their own and the heap is trimmed after each block (a
+process-wide allocator setting, see :class:`_Glibc`), so that freed blocks really leave.
 
 The output is written into ``.NAME.partial`` beside the target and renamed when complete. After
 every block a ``state.json`` records the finished blocks; ``resume=True`` continues an interrupted
@@ -59,7 +61,7 @@ class ShardIndex:
         files = self._files()
         self.where: dict[str, str] = {}
         self.meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        for fname in sorted(set(files.values())):
+        for fname in sorted(set(files.values())) or [SINGLE]:
             try:
                 with safe_open(str(self.directory / fname), framework="pt") as f:
                     for key in f.keys():
@@ -101,13 +103,15 @@ class ShardIndex:
                     out[k] = f.get_tensor(k).clone()  # own memory, not a view of the mapping
         return out
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, with_times: bool = True) -> str:
+        """A digest of the tensors' names, shapes, dtypes and shard sizes (and modification times:
+        a resumed run must read the same files)."""
         h = hashlib.sha256()
         for k in sorted(self.meta):
             h.update(f"{k}|{self.meta[k]}|{self.where[k]}|".encode())
         for fname in sorted(set(self.where.values())):
             st = (self.directory / fname).stat()
-            h.update(f"{fname}|{st.st_size}|{st.st_mtime_ns}|".encode())
+            h.update(f"{fname}|{st.st_size}|{st.st_mtime_ns if with_times else 0}|".encode())
         return h.hexdigest()
 
 
@@ -168,11 +172,46 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _release(module: nn.Module) -> None:
-    """Parameters back to ``meta``: their memory is freed."""
+    """Parameters back to ``meta``: their memory is freed (and handed back to the system)."""
     for mod in module.modules():
         for leaf, p in list(mod._parameters.items()):
             if p is not None and p.device.type != "meta":
                 mod._parameters[leaf] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+    _LIBC.trim()
+
+
+class _Glibc:
+    """glibc's heap controls, where the C library is glibc (elsewhere: nothing happens).
+
+    Measured on a 4-block, hidden-2048 Llama (SparseGPT, 2 threads): the default heap kept freed
+    blocks' memory and grew about 20 MB per block (24 blocks: peak RSS 2.68 GiB); with large
+    buffers (1 MiB and up) always mapped, so that freeing returns them at once, and the heap
+    trimmed after each block, the resident memory after a block stays flat and the peak went
+    from 1.55 to 1.38 GiB."""
+
+    M_MMAP_THRESHOLD = -3
+
+    def __init__(self) -> None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            self.lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self.lib.malloc_trim  # noqa: B018 (absent outside glibc)
+        except (OSError, AttributeError):
+            self.lib = None
+
+    def map_large_buffers(self) -> None:
+        """Allocations of 1 MiB and more get their own mapping (a process-wide glibc setting)."""
+        if self.lib is not None:
+            self.lib.mallopt(self.M_MMAP_THRESHOLD, 1 << 20)
+
+    def trim(self) -> None:
+        if self.lib is not None:
+            self.lib.malloc_trim(0)
+
+
+_LIBC = _Glibc()
 
 
 def _stored_names(module: nn.Module, prefix: str) -> list[str]:
@@ -249,11 +288,11 @@ class DiskHooks(BlockHooks):
             mask = self.masks.pop(full.rpartition(".")[0], None) if rel.endswith("weight") else None
             if mask is not None:
                 layers[full.rpartition(".")[0]] = {"numel": p.numel(), "zeros": int((p == 0).sum())}
+        self.state["layers"].update(layers)  # every rank reports the same (broadcast) result
         if is_writer():
             tensors = {f"{name}.{r}": t.detach() for r, t in block.state_dict().items()}
             _save_atomic(tensors, self.work / fname)
             self.state["finished"][name] = fname
-            self.state["layers"].update(layers)
             _write_json(self.state, self.work / "state.json")
 
     def _release_rest(self) -> None:
@@ -317,19 +356,25 @@ def _check_output(out: Path, source: Path, force: bool, resume: bool) -> Path:
 
 
 def _run_state(work: Path, fingerprint: str, blocks: list[str], resume: bool) -> dict:
-    if resume:
-        try:
-            state = json.loads((work / "state.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BrainsurgeonError(f"{work / 'state.json'} cannot be read ({e}); remove {work} and start again") from e
-        if state.get("format") != FORMAT or state.get("fingerprint") != fingerprint:
-            raise BrainsurgeonError(
-                f"{work} is the interrupted run of another model, method, option or calibration set: remove it to start again"
-            )
-        return state
-    work.mkdir(parents=False, exist_ok=False)
-    state = {"format": FORMAT, "fingerprint": fingerprint, "blocks": blocks, "finished": {}, "layers": {}}
-    _write_json(state, work / "state.json")
+    """The run's state: new (rank 0 creates the work directory), or the interrupted run's, refused
+    when it was another model, method, option or calibration set. Other ranks never write; they
+    read what rank 0 validated (their own calibration shard differs, so they do not re-check it)."""
+    from .distributed import is_writer
+
+    fresh = {"format": FORMAT, "fingerprint": fingerprint, "blocks": blocks, "finished": {}, "layers": {}}
+    if not resume:
+        if is_writer():
+            work.mkdir(parents=False, exist_ok=False)
+            _write_json(fresh, work / "state.json")
+        return fresh
+    try:
+        state = json.loads((work / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BrainsurgeonError(f"{work / 'state.json'} cannot be read ({e}); remove {work} and start again") from e
+    if state.get("format") != FORMAT or (is_writer() and state.get("fingerprint") != fingerprint):
+        raise BrainsurgeonError(
+            f"{work} is the interrupted run of another model, method, option or calibration set: remove it to start again"
+        )
     return state
 
 
@@ -406,20 +451,21 @@ def prune_offloaded(
     from .adapters.hf import HFAdapter, TokenView, token_batches
     from .context import PruneContext
     from .data import Calibration
-    from .distributed import is_writer
+    from .distributed import barrier, check_setup, is_writer
     from .engine import PruneResult, build_options
     from .progress import progress_enabled
     from .targets import find_targets
 
     source = Path(source)
     opts = build_options(method, sparsity, structure, allocation, 0.99, num_samples, damping, seed, "cpu", batch_size)
+    _LIBC.map_large_buffers()  # freed blocks go back to the system (see _Glibc)
     if allocation != "uniform" and not opts.structure.is_nm:
         raise BrainsurgeonError(
             f"allocation={allocation!r} keeps a score per weight of the whole model in memory; out of core runs "
             "allocation='uniform' or an N:M structure"
         )
     algo = _layerwise_class(method).create(**method_options)
-    work = _check_output(Path(out), source, force, resume)
+    work = _check_output(Path(out), source, force, resume) if is_writer() else _partial_dir(Path(out))
     model, index = load_skeleton(source)
     adapter = HFAdapter(model)
     if adapter.task == "hidden":
@@ -435,7 +481,11 @@ def prune_offloaded(
         raise BrainsurgeonError(f"out of core prunes the layers inside the blocks; exclude {outside}")
     settings = {"method": method, "options": algo.options(), "sparsity": opts.sparsity,
                 "structure": str(opts.structure), "layers": [t.name for t in targets], "seed": seed}
+    check_setup(view, {**{k: str(v) for k, v in settings.items()}, "model": index.fingerprint(with_times=False),
+                       "calibration samples": str(sum(len(x) for x, _ in batches))})
+    barrier()  # rank 0 has checked and created the output's work directory
     state = _run_state(work, _fingerprint(index, settings, batches), blocks, resume)
+    barrier()
     resumed = len(state["finished"])
     act_dir = None
     if offload_activations:

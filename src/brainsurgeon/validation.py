@@ -6,18 +6,29 @@ shape or dtype differ from the first batch's are one-line :class:`BrainsurgeonEr
 the batch and the sample. Cheap next to any pruning method (one pass of elementwise checks, no
 forward pass). ``run_notes`` gathers what the report must say about the run's inputs: how much of
 the data was used, the weights no method prunes, tied parameters, and layers held at the cap.
+``calibrated_loss`` gives a class-weighted CrossEntropyLoss/NLLLoss its per-sample decomposition
+over the calibration set, so that every curvature honours the class weights.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .allocation import capped_sparsity
+from .allocation import capped_sparsity, num_pruned, uniform_count
 from .data import Calibration
 from .errors import BrainsurgeonError
 from .targets import Target, unpruned_weights
+
+
+
+class DataWarning(UserWarning):
+    """What the run did with the user's data and model that they may not expect: calibration data
+    truncated, weights no method prunes, layers held at ``max_layer_sparsity``. (The CLI can filter
+    this category under ``--quiet``; the report always holds the same facts.)"""
+
 
 # losses whose integer targets are class indices into dimension 1 of the outputs
 _CLASS_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
@@ -92,16 +103,74 @@ def check_calibration(calib: Calibration, loss_fn, num_outputs: int | None) -> N
                 )
 
 
+def _is_weighted(loss_fn) -> bool:
+    return isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.weight is not None
+
+
 def check_loss_weights(loss_fn) -> None:
-    """Class-weighted cross-entropy is refused by every curvature: a per-sample loss (a batch of one)
-    divides the weight out (torch normalises a weighted mean by the sum of the weights), so the
-    class weights would silently vanish from the curvature."""
-    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.weight is not None:
+    """A class-weighted loss must come through :func:`calibrated_loss`: a per-sample loss (a batch
+    of one) divides the class weight out (torch normalises a weighted mean by the sum of the
+    weights), so the weights would silently vanish from the curvature."""
+    if _is_weighted(loss_fn) and not isinstance(loss_fn, _ClassWeighted):
         raise BrainsurgeonError(
-            f"{type(loss_fn).__name__}(weight=...) is not supported by the curvature methods (the class weights "
-            "cancel in the per-sample losses they use); pass an unweighted loss, or use a method that needs no "
-            "curvature (magnitude, wanda, sparsegpt, obc)"
+            f"{type(loss_fn).__name__}(weight=...) needs its per-sample normalisation over the calibration set; "
+            "run it through bs.prune (or brainsurgeon.validation.calibrated_loss) or pass an unweighted loss"
         )
+
+
+class _ClassWeighted:
+    """Per-sample decomposition of a class-weighted mean loss over the calibration set.
+
+    torch's weighted mean over the N calibration samples is L = sum_i w_i l_i / W, with w_i the
+    class weight of sample i's target(s) (0 for ignore_index) and W = sum_i w_i. Every curvature
+    here averages per-sample terms, C = (1/N) sum_i c_i, so the per-sample loss is
+    l'_i = (N / W) w_i l_i (``per_sample``): then (1/N) sum_i l'_i = L exactly, and the GGN and the
+    empirical Fisher are those of L. A batch call is torch's own loss, unchanged."""
+
+    sample_scale: float
+
+    def per_sample(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """l'_i of one sample (no batch dimension): torch's unreduced weighted loss times N / W."""
+        raw = self._unreduced(out.unsqueeze(0), y.unsqueeze(0))
+        return self.sample_scale * raw.sum()
+
+
+class _WeightedCE(_ClassWeighted, nn.CrossEntropyLoss):
+    def _unreduced(self, out, y):
+        return F.cross_entropy(
+            out, y, weight=self.weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            reduction="none",
+        )
+
+
+class _WeightedNLL(_ClassWeighted, nn.NLLLoss):
+    def _unreduced(self, out, y):
+        return F.nll_loss(out, y, weight=self.weight, ignore_index=self.ignore_index, reduction="none")
+
+
+def calibrated_loss(loss_fn, calib: Calibration):
+    """``loss_fn`` itself, or for a class-weighted CrossEntropyLoss/NLLLoss (mean reduction) the
+    same loss carrying its per-sample normalisation N / W over ``calib`` (see :class:`_ClassWeighted`)."""
+    if not _is_weighted(loss_fn) or isinstance(loss_fn, _ClassWeighted):
+        return loss_fn
+    if loss_fn.reduction != "mean":
+        raise BrainsurgeonError(f"loss_fn must be a mean over the batch; got reduction={loss_fn.reduction!r}")
+    ce = isinstance(loss_fn, nn.CrossEntropyLoss)
+    wrapped = (_WeightedCE if ce else _WeightedNLL)(weight=loss_fn.weight, ignore_index=loss_fn.ignore_index)
+    if ce:
+        wrapped.label_smoothing = loss_fn.label_smoothing
+    w = loss_fn.weight.to(torch.float64)
+    total = 0.0
+    for _, y in calib.batches:
+        if y.is_floating_point():  # class probabilities: torch's mean divides by the number of targets
+            total += y.numel() / y.shape[1] if y.dim() > 1 else 0.0
+        else:
+            keep = y != loss_fn.ignore_index
+            total += float(w.to(y.device)[y[keep]].sum())
+    if total <= 0:
+        raise BrainsurgeonError("the class weights of the calibration targets sum to zero: the weighted loss is undefined")
+    wrapped.sample_scale = calib.num_samples / total
+    return wrapped
 
 
 def num_outputs(model: nn.Module, calib: Calibration) -> int | None:
@@ -123,6 +192,7 @@ def run_notes(model: nn.Module, targets: list[Target], calib: Calibration, opts,
         warnings.warn(
             f"calibration data truncated: the first {calib.num_samples} of {given} samples are used "
             f"(num_samples={opts.num_samples}); pass num_samples=None to use all of them",
+            DataWarning,
             stacklevel=4,
         )
     skipped = unpruned_weights(model, targets, layers)
@@ -131,6 +201,7 @@ def run_notes(model: nn.Module, targets: list[Target], calib: Calibration, opts,
         warnings.warn(
             "weights no method prunes are left dense: "
             + ", ".join(f"{k} ({v})" for k, v in skipped.items()),
+            DataWarning,
             stacklevel=4,
         )
     tied = {t.name: list(t.tied) for t in targets if t.tied}
@@ -139,9 +210,9 @@ def run_notes(model: nn.Module, targets: list[Target], calib: Calibration, opts,
     if opts.allocation == "uniform" and opts.structure.kind == "unstructured":
         capped = {}
         for t in targets:
-            s = capped_sparsity(t.weight.numel(), opts.sparsity, opts.max_layer_sparsity)
-            if s < opts.sparsity - 1e-12:
-                capped[t.name] = s
+            n = t.weight.numel()
+            if uniform_count(n, opts.sparsity, opts.max_layer_sparsity) < num_pruned(n, opts.sparsity):
+                capped[t.name] = capped_sparsity(n, opts.sparsity, opts.max_layer_sparsity)
         if capped:
             notes["capped_layers"] = capped
             notes["target_sparsity"] = {
@@ -150,6 +221,7 @@ def run_notes(model: nn.Module, targets: list[Target], calib: Calibration, opts,
             warnings.warn(
                 f"uniform sparsity {opts.sparsity} would (nearly) empty layers; held at max_layer_sparsity="
                 f"{opts.max_layer_sparsity}: " + ", ".join(f"{k} -> {v:.4g}" for k, v in capped.items()),
+                DataWarning,
                 stacklevel=4,
             )
     return notes

@@ -70,6 +70,7 @@ masks into the module's own (in, out) orientation.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -503,17 +504,33 @@ def _split(batch: dict, batch_size: int) -> list[dict]:
     return [{k: (None if v is None else v[i : i + batch_size]) for k, v in batch.items()} for i in range(0, n, batch_size)]
 
 
-def token_batches(data, model: nn.Module, batch_size: int = 8, num_samples: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+class TokenBatches(list):
+    """The ``(x, y)`` batches, and ``given``: how many sequences the data held (``len`` counts batches)."""
+
+    given: int = 0
+
+    @property
+    def used(self) -> int:
+        return sum(len(x) for x, _ in self)
+
+
+def token_batches(data, model: nn.Module, batch_size: int = 8, num_samples: int | None = None) -> TokenBatches:
     """``(x, y)`` tensor batches for ``data.Calibration`` from token data (see the module docstring).
 
-    At most ``num_samples`` sequences are used. Everything is validated before anything is built;
-    a plain encoder's targets (its dense hidden states) are computed with ``model`` on its device.
+    The first ``num_samples`` sequences are used (None: all; a truncation is warned about).
+    Everything is validated before anything is built; a plain encoder's targets (its dense hidden
+    states) are computed with ``model`` on its device.
     """
     adapter = HFAdapter(model)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BrainsurgeonError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BrainsurgeonError(f"{name} must be a positive integer, got {value!r}")
     raw = _raw_batches(data)
     checked = [_check_batch(f"batch {i}: " if len(raw) > 1 else "", b, adapter) for i, b in enumerate(raw)]
+    given = sum(b["input_ids"].shape[0] for b in checked)
+    if num_samples is not None and given > num_samples:
+        warnings.warn(f"calibration data truncated: the first {num_samples} of {given} sequences are used "
+                      f"(num_samples={num_samples}); pass num_samples=None to use all of them", stacklevel=2)
     batches, seen = [], 0
     for b in checked:
         for part in _split(b, batch_size):
@@ -525,7 +542,9 @@ def token_batches(data, model: nn.Module, batch_size: int = 8, num_samples: int 
             seen += part["input_ids"].shape[0]
     with_mask = any(b["attention_mask"] is not None and bool((b["attention_mask"] == 0).any()) for b in batches)
     view = TokenView(model) if adapter.task == "hidden" else None
-    return [_to_xy(b, adapter.task, with_mask, view) for b in batches]
+    out = TokenBatches(_to_xy(b, adapter.task, with_mask, view) for b in batches)
+    out.given = given
+    return out
 
 
 def _to_xy(b: dict, task: str, with_mask: bool, view: TokenView | None) -> tuple[torch.Tensor, torch.Tensor]:

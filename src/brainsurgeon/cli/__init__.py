@@ -80,10 +80,10 @@ def set_threads(n: int):
 _PY_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=('([^']*)'|\"([^\"]*)\"|([\w.:+-]+))?")
 
 
-def cli_message(text: str, names: Iterable[str] | None = None) -> str:
+def cli_message(text: str, names: Iterable[str] | None = None, yaml: bool = False) -> str:
     """The engine's Python spelling in CLI spelling: ``structure='channel'`` -> ``--structure channel``,
     ``compact=False`` -> ``--no-compact``, ``round_to=`` -> ``--round-to``, for the given option names
-    (a command's parameters)."""
+    (a command's parameters); with ``yaml``, in a recipe's spelling: ``structure: channel``."""
     names = set(names or ())
 
     def spell(m: re.Match) -> str:
@@ -91,6 +91,8 @@ def cli_message(text: str, names: Iterable[str] | None = None) -> str:
         if name not in names:
             return m.group(0)
         value = next((g for g in m.groups()[2:] if g is not None), None)
+        if yaml:
+            return name if value is None else f"{name}: {value.lower() if value in ('True', 'False') else value}"
         flag = "--" + name.replace("_", "-")
         if value is None:  # "round_to= applies to ...": the option itself
             return flag
@@ -118,13 +120,21 @@ def _global_options(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="print the version and exit",
     )] = False,
+    dist_timeout: Annotated[float, typer.Option(
+        "--dist-timeout", help="under torchrun: seconds a rank waits for the others before failing", min=1.0,
+    )] = 600.0,
 ) -> None:
-    """Prune PyTorch networks by the curvature of the loss or by classic criteria."""
+    """Prune PyTorch networks by the curvature of the loss or by classic criteria.
+
+    Under ``torchrun --nproc-per-node P -m brainsurgeon ...`` every rank joins the process group
+    (gloo on CPU, nccl with CUDA) and calibrates on its share of the data; only rank 0 writes."""
     from .. import progress
+    from ..distributed import init_from_env
     from ..errors import BrainsurgeonError
 
     try:
         n = resolve_threads(threads)
+        init_from_env(timeout_s=dist_timeout)
     except BrainsurgeonError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -5,10 +5,12 @@ exits with code 2, like a usage error; anything else is a bug and keeps its trac
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -33,12 +35,28 @@ def _handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _cli_warnings(quiet=bool(kwargs.get("quiet"))):
+                return fn(*args, **kwargs)
         except BrainsurgeonError as e:
             typer.echo(f"error: {cli_message(str(e), options)}", err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _cli_warnings(quiet: bool):
+    """The library's warnings (data truncated, layers not pruned, caps) as one ``note:`` line each on
+    stderr, in CLI spelling; none with ``--quiet``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        typer.echo(f"note: {cli_message(str(message))}", err=True)
+
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        else:
+            warnings.showwarning = show
+        yield
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -233,8 +251,13 @@ def prune_cmd(
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 128,
     force: Annotated[bool, typer.Option(help="write into --out even if it exists")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars and no summary table")] = False,
+    offload: Annotated[Optional[str], typer.Option(help="with --hf: 'disk' prunes the directory block by block, never loading it whole")] = None,
+    offload_activations: Annotated[bool, typer.Option(help="with --offload disk: the cached activations in files on disk")] = False,
+    resume: Annotated[bool, typer.Option(help="with --offload disk: continue an interrupted run from its last finished block")] = False,
 ) -> None:
-    """Prune a model and write DIR/model.safetensors and DIR/report.json."""
+    """Prune a model and write DIR/model.safetensors and DIR/report.json (with --hf: an HF directory).
+
+    Several processes: ``torchrun --nproc-per-node P -m brainsurgeon prune --hf DIR ...``."""
     from .. import engine
     from ..data import load_dataset
     from ..evaluate import evaluate
@@ -249,7 +272,9 @@ def prune_cmd(
     if hf is not None:  # a transformers model calibrated on text: cli/hf.py
         return _prune_hf(hf, text, eval_text, method, sparsity, out, structure, allocation, max_layer_sparsity,
                          num_samples, seq_len, eval_windows, holdout, damping, layers, method_options, seed, device,
-                         force, quiet, compact)
+                         force, quiet, compact, offload, offload_activations, resume)
+    if offload is not None or offload_activations or resume:
+        raise BrainsurgeonError("--offload, --offload-activations and --resume are for --hf DIR (an HF directory)")
     if text is not None or eval_text is not None:
         raise BrainsurgeonError("--text and --eval-text are for a transformers model: give --hf DIR with them")
     if model is None or data is None:
@@ -295,7 +320,8 @@ def prune_cmd(
 
 def _prune_hf(hf, text, eval_text, method, sparsity, out, structure, allocation, max_layer_sparsity, num_samples,
               seq_len, eval_windows, holdout, damping, layers, method_options, seed, device, force, quiet,
-              compact) -> None:
+              compact, offload=None, offload_activations=False, resume=False) -> None:
+    from ..distributed import is_writer
     from .hf import prune_hf
 
     if structure == "channel":
@@ -305,12 +331,17 @@ def _prune_hf(hf, text, eval_text, method, sparsity, out, structure, allocation,
         hf_dir=hf, text=text, eval_text=eval_text, method=method, sparsity=sparsity, out=out, structure=structure,
         allocation=allocation, max_layer_sparsity=max_layer_sparsity, num_samples=128 if num_samples is None else num_samples,
         seq_len=seq_len, eval_windows=eval_windows, holdout=holdout, damping=damping, layers=layers,
-        method_options=method_options, seed=seed, device=device, force=force,
+        method_options=method_options, seed=seed, device=device, force=force, offload=offload,
+        offload_activations=offload_activations, resume=resume,
     )
-    if not quiet:
+    if offload is not None and not quiet and is_writer():
+        ov = report["overall"]
+        typer.echo(f"{method}: sparsity {_fmt_sparsity(ov['achieved_sparsity'])} of {ov['numel']} weights, "
+                   f"pruned block by block; wrote {out}")
+    elif not quiet and is_writer():
         ov, ev = report["overall"], report["evaluation"]
         typer.echo(
-            f"{method}: sparsity {_fmt_sparsity(ov['achieved_sparsity'])} of {ov['numel']} weights; perplexity "
+            f"{method}: sparsity {_fmt_sparsity(ov['achieved_sparsity'])} of {ov.get('numel', ov.get('prunable_params'))} weights; perplexity "
             f"{ev['perplexity_before']:.3f} -> {ev['perplexity_after']:.3f} ({ev['windows']} windows of {ev['seq_len']} "
             f"tokens, {ev['text']}); wrote {out}"
         )

@@ -76,7 +76,7 @@ def split_text(tok, text: Path, eval_text: Path | None, holdout: float):
     return ids[:cut], ids[cut:], f"last {holdout:.0%} of {text} ({ids.numel() - cut} of {ids.numel()} tokens)"
 
 
-def _calibration(tok, calib_ids, eval_text, holdout, num_samples, seq_len, seed):
+def _calibration(calib_ids, eval_text, holdout, num_samples, seq_len, seed):
     from .. import text as bstext
 
     need = num_samples * seq_len
@@ -104,11 +104,23 @@ def prune_hf(
     *, hf_dir: Path, text: Path | None, eval_text: Path | None, method: str, sparsity, out: Path,
     structure: str, allocation: str, max_layer_sparsity: float, num_samples: int, seq_len: int,
     eval_windows: int, holdout: float, damping, layers, method_options: dict, seed: int, device: str,
-    force: bool,
+    force: bool, offload: str | None = None, offload_activations: bool = False, resume: bool = False,
 ) -> dict:
-    """The ``prune --hf`` command: returns the report it wrote to ``out/report.json``."""
+    """The ``prune --hf`` command: returns the report it wrote to ``out/report.json``.
+
+    Under torchrun every rank calibrates on its share of the windows (``distributed.shard_rows``)
+    and rank 0 alone writes. ``offload="disk"`` prunes the directory block by block into ``out``
+    (the model is never loaded whole, so no perplexity is measured)."""
     from .. import text as bstext
     from ..api import prune
+    from ..distributed import is_writer, shard_rows
+
+    if offload is not None:
+        return _prune_offloaded(hf_dir, text, eval_text, method, sparsity, out, structure, num_samples, seq_len,
+                                holdout, damping, layers, method_options, seed, force, offload, offload_activations,
+                                resume)
+    if offload_activations or resume:
+        raise BrainsurgeonError("--offload-activations and --resume go with --offload disk")
 
     if text is None:
         raise BrainsurgeonError("--hf needs --text FILE: the calibration text (UTF-8)")
@@ -126,9 +138,10 @@ def prune_hf(
     model, tok = load_hf(hf_dir, device)
     bstext.check_model_tokenizer(model, tok, seq_len)
     calib_ids, eval_ids, eval_desc = split_text(tok, text, eval_text, holdout)
-    calib = _calibration(tok, calib_ids, eval_text, holdout, num_samples, seq_len, seed)
+    calib = _calibration(calib_ids, eval_text, holdout, num_samples, seq_len, seed)
     if eval_ids.numel() < seq_len:
         raise BrainsurgeonError(f"the evaluation text ({eval_desc}) has {eval_ids.numel()} tokens, fewer than one window of --seq-len {seq_len}")
+    calib = calib[shard_rows(len(calib))]  # this rank's windows (all of them in one process)
     t0 = time.perf_counter()
     res = prune(
         model, calib, method, sparsity, structure=structure, allocation=allocation,
@@ -145,8 +158,29 @@ def prune_hf(
         "text": eval_desc, "seq_len": seq_len, "windows": after["windows"], "tokens": after["tokens"],
         "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"], "prune_s": prune_s,
     }
-    _write_hf_dir(out, res.model, tok, report)
+    if is_writer():
+        _write_hf_dir(out, res.model, tok, report)
     return report
+
+
+def _prune_offloaded(hf_dir, text, eval_text, method, sparsity, out, structure, num_samples, seq_len, holdout,
+                     damping, layers, method_options, seed, force, offload, offload_activations, resume) -> dict:
+    """``prune --hf DIR --offload disk``: the directory pruned block by block (offload.py)."""
+    from transformers import AutoTokenizer
+
+    from ..api import prune
+    from ..distributed import shard_rows
+
+    if text is None:
+        raise BrainsurgeonError("--hf needs --text FILE: the calibration text (UTF-8)")
+    _check_inputs(hf_dir, [text] + ([eval_text] if eval_text is not None else []))
+    tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=False)
+    calib_ids, _, _ = split_text(tok, text, eval_text, holdout)
+    calib = _calibration(calib_ids, eval_text, holdout, num_samples, seq_len, seed)
+    res = prune(str(hf_dir), calib[shard_rows(len(calib))], method, sparsity, structure=structure, layers=layers,
+                damping=damping, seed=seed, progress=False, offload=offload, out=out,
+                offload_activations=offload_activations, resume=resume, force=force, **method_options)
+    return res.report
 
 
 def evaluate_hf(*, hf_dir: Path, text: Path | None, seq_len: int, eval_windows: int | None, device: str) -> dict:

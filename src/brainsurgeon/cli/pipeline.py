@@ -39,10 +39,21 @@ def run_cmd(
     allow_factory: Annotated[bool, typer.Option(help="let the recipe's model.factory import and run the code it names")] = False,
 ) -> None:
     """Run a recipe: prune (schedule, fine-tuning), checkpoint every round, write model, report and plots."""
-    from ..recipe import load_recipe, run_recipe
+    from ..recipe import FINETUNE_KEYS, TOP_KEYS, load_recipe, run_recipe
 
-    rec = load_recipe(recipe, allow_factory=allow_factory)
-    report = run_recipe(rec, resume=resume, force=force, progress=False if quiet else None)
+    rec = None
+    try:
+        rec = load_recipe(recipe, allow_factory=allow_factory)
+        report = run_recipe(rec, resume=resume, force=force, progress=False if quiet else None)
+    except BrainsurgeonError as e:  # the engine's structure='channel' in the recipe's spelling: structure: channel
+        raise BrainsurgeonError(_cli_message(str(e), [*TOP_KEYS, *FINETUNE_KEYS], yaml=True)) from None
+    except KeyboardInterrupt:
+        from ..recipe import staging_dir
+
+        partial = staging_dir(rec.output) if rec is not None else None
+        if partial is not None and (partial / "checkpoint").is_dir():
+            typer.echo(f"interrupted: the completed rounds are in {partial}; continue with --resume", err=True)
+        raise typer.Exit(130) from None
     if not quiet:
         ev = report["evaluation"]
         _console().print(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad
 
+from ..distributed import all_reduce_count, all_reduce_sum
 from ..errors import BrainsurgeonError
 from ..targets import Target
 from .per_sample import (
@@ -180,6 +181,11 @@ def backprop_signals(
 
 def check_fisher_loss(kind: str, loss_fn, instead: str = "curvature='ggn' or 'empirical'") -> None:
     """The sampled (true) Fisher draws labels from softmax outputs: cross-entropy only."""
+    if kind == "fisher" and getattr(loss_fn, "weight", None) is not None:
+        raise BrainsurgeonError(
+            "the true Fisher samples labels from the model, so the class weights of the data labels do not "
+            f"apply; use {instead} with a class-weighted loss"
+        )
     if kind == "fisher" and not (_is_cross_entropy(loss_fn) or can_sample_targets(loss_fn)):
         raise BrainsurgeonError(
             "the true Fisher samples labels from softmax outputs and needs nn.CrossEntropyLoss; "
@@ -322,6 +328,8 @@ def diagonal_curvature(
                 _accumulate_squared_grads(t.module, inputs[t.name], s, acc[t.name])
     if functional:
         acc.update(_functional_diagonal(model, functional, calib, loss_fn, kind, generator, note))
-    n = calib.num_samples
+    # several ranks: sums and sample counts over every rank's shard, then the mean (distributed.py)
+    acc = {name: all_reduce_sum(a) for name, a in acc.items()}
+    n = all_reduce_count(calib.num_samples)
     diag = {t.name: (acc[t.name] / n).reshape(t.weight.shape) for t in targets}
     return _DIAGONALS[kind](diag=diag, num_samples=n)

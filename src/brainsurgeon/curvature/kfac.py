@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_count, all_reduce_sum
 from ..errors import BrainsurgeonError
 from ..targets import Target
 from .diagonal import LayerTaps, Tracker, _no_track, backprop_signals, check_fisher_loss, layer_inputs, layer_output_grads
@@ -184,8 +185,9 @@ def factor_sums(model, targets, calib, loss_fn, kind: str, generator, track, inp
                 positions = s.shape[1]
                 s = s.reshape(-1, s.shape[-1])
                 sums_s[t.name] = sums_s.get(t.name, 0) + (s.T @ s) / positions
-    n = calib.num_samples
-    return {t.name: (sums_a[t.name] / n, sums_s[t.name] / n) for t in targets}
+    # several ranks: the sums and sample counts over every rank's shard, then the means (distributed.py)
+    n = all_reduce_count(calib.num_samples)
+    return {t.name: (all_reduce_sum(sums_a[t.name]) / n, all_reduce_sum(sums_s[t.name]) / n) for t in targets}
 
 
 def weight_with_bias(t: Target) -> torch.Tensor:

@@ -244,16 +244,33 @@ def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: s
     return box[0]
 
 
+def _uses_per_forward(model: nn.Module, target: Target, x: torch.Tensor) -> int:
+    """How often ``target``'s weight is applied to inputs in one forward pass (of one sample)."""
+    uses = [0]
+
+    def count(rows):
+        uses[0] += 1
+
+    handles = [register_input_capture(model, m, count) for m in linear_holders(model, target)]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return uses[0]
+
+
 def paired_input_stats(
     model: nn.Module, target: Target, reference: nn.Module, ref_module: nn.Module, calib: Calibration, track=None
 ) -> LayerInputStats:
     """H = (2/N) X X^T of ``target``'s inputs in ``model`` and the cross term G = (2/N) X_ref X^T with
     the same layer's inputs X_ref in ``reference`` (the dense network), batch by batch."""
     check_supported(target)
-    if target.tied_layers:
+    if _uses_per_forward(model, target, calib.batches[0][0]) > 1:
         raise BrainsurgeonError(
-            f"error correction fits one layer to its dense outputs, but {target.name}'s weight is tied to "
-            f"{', '.join(target.tied)}; pass error_correction=False"
+            f"error correction fits one layer to its dense outputs, but {target.name}'s weight is used more than "
+            "once per forward pass (tied, or its module called twice); pass error_correction=False"
         )
     acc = _Accumulator(target.weight_matrix().shape[1], target.weight.device, with_hessian=True, with_cross=True)
     batches = calib.batches if track is None else track(calib.batches, f"inputs of {target.name}", total=len(calib.batches))

@@ -73,10 +73,14 @@ def _is_cross_entropy(loss_fn) -> bool:
 
 
 def _per_sample_loss(loss_fn):
-    """l(out_i, y_i) for one sample (a batch of one through the user's mean-reduced loss)."""
+    """l(out_i, y_i) for one sample (a batch of one through the user's mean-reduced loss); a
+    class-weighted loss uses its own per-sample decomposition (``validation.calibrated_loss``)."""
     from ..validation import check_loss_weights
 
-    check_loss_weights(loss_fn)  # a batch of one divides class weights out: refuse, never drop them
+    check_loss_weights(loss_fn)  # a batch of one divides class weights out: never drop them silently
+    per_sample = getattr(loss_fn, "per_sample", None)
+    if per_sample is not None:
+        return per_sample
     return lambda out, y: loss_fn(out.unsqueeze(0), y.unsqueeze(0))
 
 
@@ -145,6 +149,11 @@ class PerSampleVectors:
     ):
         self.model, self.calib, self.loss_fn = model, calib, loss_fn
         self.curvature = check_curvature(curvature)
+        if curvature == "fisher" and getattr(loss_fn, "weight", None) is not None:
+            raise BrainsurgeonError(
+                "curvature='fisher' samples labels from the model, so the class weights of the data labels do not "
+                "apply; use curvature='ggn' or 'empirical' with a class-weighted loss"
+            )
         if curvature == "fisher" and not (_is_cross_entropy(loss_fn) or can_sample_targets(loss_fn)):
             raise BrainsurgeonError(
                 "curvature='fisher' samples labels from softmax outputs and needs nn.CrossEntropyLoss; "

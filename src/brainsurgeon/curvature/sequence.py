@@ -55,6 +55,16 @@ def uses_sequence_signals(loss_fn, out: torch.Tensor) -> bool:
     return out.dim() > 2 and not isinstance(loss_fn, nn.CrossEntropyLoss)
 
 
+def check_empirical_is_informative(kind: str, loss_fn, instead: str) -> None:
+    """The hidden-state distance of a plain encoder is 0, with zero gradient, at the dense model
+    (its targets are the dense outputs): its empirical Fisher is exactly zero, so refuse it."""
+    if kind == "empirical" and _token_view_task(loss_fn) == "hidden":
+        raise BrainsurgeonError(
+            "the empirical Fisher of a plain encoder's hidden-state distance is zero at the dense model (no "
+            f"gradient at all); use {instead}"
+        )
+
+
 def can_sample_targets(loss_fn) -> bool:
     """Whether :func:`sample_model_targets` knows this loss's predictive distribution."""
     return isinstance(loss_fn, nn.CrossEntropyLoss) or _token_view_task(loss_fn) in ("causal", "masked", "token", "sequence", "hidden")

@@ -15,6 +15,7 @@ import torch
 from ..allocation import global_counts, lowest_k_mask, uniform_count
 from ..context import PruneContext
 from ..curvature.diagonal import check_fisher_loss
+from ..curvature.sequence import check_empirical_is_informative
 from ..curvature.kfac import (
     _SIGNAL,
     DEFAULT_DAMPING,
@@ -35,6 +36,7 @@ MAX_FACTOR_SIDE = 16384
 
 def _validate_kfac(ctx: PruneContext, fisher: str) -> None:
     check_fisher_loss(_SIGNAL[fisher], ctx.loss_fn, instead="fisher='exact' or 'empirical'")
+    check_empirical_is_informative(fisher, ctx.loss_fn, "fisher='true' (a Monte-Carlo GGN) or 'exact'")
     for t in ctx.targets:
         check_kfac_layer(t)
         side = max(t.weight.shape[0], t.weight[0].numel() + 1)

@@ -31,7 +31,8 @@ class OBD(SaliencyMethod):
     ``nn.MultiheadAttention``'s in_proj_weight and out_proj) get the same diagonal from per-sample
     gradients through ``torch.func``, which differentiates through every use. A loss that cannot
     run under ``vmap`` is evaluated sample by sample, recorded in ``numerics.fallbacks``.
-    Class-weighted cross-entropy is refused (a per-sample loss divides the class weight out).
+    A class-weighted cross-entropy counts each sample with its class weight, normalised over the
+    calibration set as torch normalises a batch (``validation.calibrated_loss``).
     """
 
     summary = "Optimal Brain Damage (LeCun et al. 1990): 1/2 H_qq w_q^2, diagonal GGN or Fisher."

@@ -10,6 +10,7 @@ from ..allocation import global_counts, lowest_k_mask, num_pruned, uniform_count
 from ..context import PruneContext
 from ..curvature.inverse import outer_product_inverse, solve_spd
 from ..curvature.per_sample import ParamLayout, PerSampleVectors, check_curvature
+from ..curvature.sequence import check_empirical_is_informative
 from ..errors import BrainsurgeonError, MemoryBudgetError
 from ..registry import register
 from .base import PruningMethod
@@ -190,6 +191,7 @@ class OBS(PruningMethod):
                 "obc, sparsegpt), prune fewer layers (layers=...), or raise max_memory_bytes"
             )
         vectors(ctx, self.curvature)  # bad curvature/loss combinations fail here, before any work
+        check_empirical_is_informative(self.curvature, ctx.loss_fn, "curvature='ggn' or 'fisher'")
 
     def run(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         psv = vectors(ctx, self.curvature)

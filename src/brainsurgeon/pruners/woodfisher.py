@@ -8,6 +8,8 @@ import torch
 from ..context import PruneContext
 from ..curvature.inverse import outer_product_inverse, solve_spd
 from ..curvature.per_sample import ParamLayout, PerSampleVectors
+from ..curvature.sequence import check_empirical_is_informative
+from ..distributed import all_reduce_count, all_reduce_sum, stream_from_ranks
 from ..errors import MemoryBudgetError
 from ..registry import register
 from .base import PruningMethod
@@ -159,6 +161,7 @@ class WoodFisher(PruningMethod):
                 "lower block_size, prune fewer layers, or raise max_memory_bytes"
             )
         vectors(ctx, self.curvature)  # bad curvature/loss combinations fail here
+        check_empirical_is_informative(self.curvature, ctx.loss_fn, "curvature='fisher' (a Monte-Carlo GGN)")
 
     def run(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
         psv = vectors(ctx, self.curvature, max_chunk_bytes=CHUNK_BYTES)
@@ -187,15 +190,18 @@ class WoodFisher(PruningMethod):
         for v in ctx.track(psv, "woodfisher: Fisher diagonal"):
             v2 = v.to(torch.float64).square()
             sq += torch.stack([v2[:, layout.slice(i)].sum() for i in range(len(layout.shapes))]).cpu()
-        mean_diag = sq / torch.tensor([psv.num_samples * s.numel() for s in layout.shapes], dtype=torch.float64)
+        # several ranks: every rank's gradients count (distributed.py): summed squares, total count,
+        # and below the inverse built from every rank's gradients in rank order (= one process's order)
+        sq, num_samples = all_reduce_sum(sq), all_reduce_count(psv.num_samples)
+        mean_diag = sq / torch.tensor([num_samples * s.numel() for s in layout.shapes], dtype=torch.float64)
         damping = ctx.options.damping if ctx.options.damping is not None else DEFAULT_DAMPING
         lam = relative_damping(mean_diag, damping, ctx.numerics, "woodfisher")
         for t, value in zip(ctx.targets, lam.tolist()):
             ctx.numerics.damp(f"woodfisher:{t.name}", value)
         lam_blocks = lam[blocks.layer_of_block()].to(ctx.device)
-        chunks = ctx.track(again(), "woodfisher: Sherman-Morrison inverse")
+        chunks = ctx.track(stream_from_ranks(again), "woodfisher: Sherman-Morrison inverse")
         return outer_product_inverse(
-            chunks, lam_blocks, self.block_size, psv.num_samples, blocks.to_blocks, UPDATE_RANK
+            chunks, lam_blocks, self.block_size, num_samples, blocks.to_blocks, UPDATE_RANK
         )
 
     def _prune(self, ctx: PruneContext, blocks: BlockLayout, inv: torch.Tensor, w: torch.Tensor):

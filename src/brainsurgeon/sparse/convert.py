@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import BrainsurgeonError
 from .kernels import SPARSE_ENGINES, CSR, get_engine
-from .modules import DECODE_ROWS, SparseConv2d, SparseLinear, conv_unsupported
+from .modules import DECODE_ROWS, SparseConv2d, SparseLinear, conv1d_class, conv_unsupported, linear_view
 
 # Below this sparsity no CPU sparse kernel beats dense BLAS (an index per value at least doubles the
 # bytes per weight read), so such layers stay dense without being timed.
@@ -79,7 +79,7 @@ def _stand_in_input(module: nn.Module, batch_size: int) -> torch.Tensor:
 
 
 def _sparse_module(module: nn.Module, engine: str) -> nn.Module:
-    return SparseLinear(module, engine) if isinstance(module, nn.Linear) else SparseConv2d(module, engine)
+    return SparseConv2d(module, engine) if isinstance(module, nn.Conv2d) else SparseLinear(module, engine)
 
 
 def _why_dense(module: nn.Module, sparsity: float, min_sparsity: float, forced: bool) -> str | None:
@@ -122,6 +122,7 @@ def _choose_phased(module: nn.Linear, phases: dict[str, int], engines: tuple[str
     """Per phase (rows of input), the fastest of dense and ``engines``; one SparseLinear dispatching on rows."""
     from .kernels import nm_pattern_of
 
+    original, module = module, linear_view(module)  # a GPT-2 Conv1D is timed as the Linear it computes
     csr = CSR.from_dense(module.weight)
     key = (tuple(module.weight.shape), round(csr.sparsity, 3), nm_pattern_of(csr), engines, tuple(phases.items()))
     if key not in cache:
@@ -149,8 +150,8 @@ def _choose_phased(module: nn.Linear, phases: dict[str, int], engines: tuple[str
     if rejected:
         entry["rejected"] = dict(rejected)
     if set(winners.values()) == {"dense"}:
-        return module
-    return SparseLinear(module, winners.get("prefill", winners["decode"]), decode_engine=winners["decode"])
+        return original
+    return SparseLinear(original, winners.get("prefill", winners["decode"]), decode_engine=winners["decode"])
 
 
 def _usable_engines(engines, csr: CSR) -> tuple[str, ...]:
@@ -193,14 +194,15 @@ def to_sparse(
 
     phased = is_hf_model(model) and engine is None
     work = copy.deepcopy(model).eval()
-    layers = {n: m for n, m in work.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    kinds = (nn.Linear, nn.Conv2d) + ((conv1d_class(),) if conv1d_class() is not None else ())
+    layers = {n: m for n, m in work.named_modules() if type(m) in kinds}
     example = None if phased else _example_input(work, example_input, batch_size)
     inputs = _capture_inputs(work, layers, example) if example is not None else {}
     report, cache = {}, {}
     phases = {"decode": 1, "prefill": prefill_tokens}
     for name, module in layers.items():
         csr = CSR.from_dense(module.weight)
-        entry = {"kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
+        entry = {"kind": "conv2d" if isinstance(module, nn.Conv2d) else "linear" if isinstance(module, nn.Linear) else "conv1d",
                  "shape": list(module.weight.shape), "sparsity": round(csr.sparsity, 4)}
         report[name] = entry
         why = _why_dense(module, csr.sparsity, min_sparsity, engine is not None)
@@ -213,7 +215,7 @@ def to_sparse(
                 continue
             new = _sparse_module(module, engine)
             entry.update(engine=engine, reason="forced")
-        elif phased and isinstance(module, nn.Linear):
+        elif phased and not isinstance(module, nn.Conv2d):
             new = _choose_phased(module, phases, _usable_engines(names, csr), entry, cache, name)
         else:
             x = inputs.get(name, None)

@@ -326,6 +326,10 @@ def encode_best(t: torch.Tensor, name: str = "") -> Encoded:
     dense = encode_dense(t)
     if t.dim() < 2 or not t.is_floating_point() or t.numel() == 0:
         return dense
+    # every sparse encoding stores each non-zero's value and at least one bit of position: when that
+    # alone is no smaller than dense (an unpruned embedding), skip building the candidates
+    if int((t != 0).sum()) * (t.element_size() + 0.125) >= dense.nbytes:
+        return dense
     candidates = [dense, encode_csr(t)]
     best = lambda: min(stored_size(c, name) for c in candidates)  # noqa: E731
     pos = _np((t.reshape(-1) != 0).nonzero().reshape(-1))

@@ -84,13 +84,50 @@ class SparseModule(nn.Module):
         return f"shape={self.weight_shape}, nnz={self.csr.nnz}, sparsity={self.csr.sparsity:.3f}, engine={engines}"
 
 
+def conv1d_class():
+    """transformers' ``Conv1D`` (GPT-2's linear layer, weight stored (in, out)), or None."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return None
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def linear_view(layer: nn.Module) -> nn.Linear:
+    """``layer`` as an ``nn.Linear`` (a GPT-2 ``Conv1D`` computes x W + b = x (W^T)^T + b)."""
+    if isinstance(layer, nn.Linear):
+        return layer
+    w = layer.weight.detach().t()
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    return linear
+
+
 class SparseLinear(SparseModule):
-    def __init__(self, linear: nn.Linear, engine: str = "numba_csr", decode_engine: str | None = None,
+    """A pruned ``nn.Linear`` (or GPT-2 ``Conv1D``: ``conv1d=True`` keeps its (in, out) layout for saving)."""
+
+    def __init__(self, linear: nn.Module, engine: str = "numba_csr", decode_engine: str | None = None,
                  decode_rows: int = DECODE_ROWS):
+        self_conv1d = not isinstance(linear, nn.Linear)
+        linear = linear_view(linear)
         super().__init__(linear.weight, linear.bias, engine, decode_engine, decode_rows)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.conv1d = self_conv1d
 
-    def _dense_layer(self) -> nn.Linear:
+    def dense_parameters(self) -> dict[str, torch.Tensor]:
+        out = super().dense_parameters()
+        if self.conv1d:
+            out["weight"] = out["weight"].t().contiguous()
+        return out
+
+    def _dense_layer(self) -> nn.Module:
+        if self.conv1d:
+            return conv1d_class()(self.out_features, self.in_features)
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ output by W_{:,j} (x_j - E x_j): the *fluctuation*
 
     S_j = Var(x_j) * ||W_{:,j}||^2,        b' = b + sum_{j removed} W_{:,j} E[x_j].
 
-A head's score is the sum over its columns. FLAP standardizes scores per layer type before a
-global ranking; here the raw fluctuation (the expected squared change of the residual stream,
-in the same units for every layer and both unit types) is ranked directly by the budget search.
+A head's score is the sum over its columns. FLAP's adaptive structure search standardizes the
+scores of each unit type over the whole model, z = (S - mean) / std (heads and neurons
+separately), and removes units in ascending z, whatever they cost, until the budget is met
+(``search="order"``); the scores handed to the allocation are z - min z (same order, >= 0).
 A projection without a bias gets one (zeros plus the compensation).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..registry import register
 from .transformer_engine import TransformerContext, TransformerMethod
-from .transformer_stats import capture_inputs, flat, frozen
+from .transformer_stats import flat, frozen
 
 
 def input_moments(tctx: TransformerContext) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -61,6 +62,7 @@ class FLAP(TransformerMethod):
     added to the bias: b' = b + sum_{j removed} W_{:,j} E[x_j]. Training-free, one forward pass."""
 
     summary = "An et al. 2024 (FLAP): fluctuation Var(x_j)||W_:,j||^2 of o/down inputs + bias compensation."
+    search = "order"
 
     def __init__(self, compensate_bias: bool = True):
         if not isinstance(compensate_bias, bool):
@@ -78,7 +80,7 @@ class FLAP(TransformerMethod):
                 w2 = proj.weight_oi().detach().double().pow(2).sum(0).cpu()
                 s = self._moments[proj.name][1] * w2
                 out[key] = s.view(-1, per).sum(1)
-        return out
+        return standardized(out)
 
     def compensate(self, tctx: TransformerContext, keep: dict[str, torch.Tensor]) -> None:
         if not self.compensate_bias:
@@ -93,6 +95,20 @@ class FLAP(TransformerMethod):
                     delta = w[:, dead] @ self._moments[proj.name][0][dead]
                     ensure_bias(proj.module)
                     proj.module.bias.add_(delta.to(proj.module.bias))
+
+
+def standardized(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per unit type (keys ending in ``.heads`` / ``.neurons``) z-scores over the whole model,
+    shifted together so the smallest is 0 (FLAP's standardization; the order is what counts)."""
+    out = {}
+    for kind in (".heads", ".neurons"):
+        keys = [k for k in scores if k.endswith(kind)]
+        allv = torch.cat([scores[k] for k in keys])
+        mean, std = allv.mean(), allv.std() if allv.numel() > 1 else torch.ones(())
+        std = std if std > 0 else torch.ones(())
+        out.update({k: (scores[k] - mean) / std for k in keys})
+    low = min(float(v.min()) for v in out.values())
+    return {k: v - low for k, v in out.items()}
 
 
 def ensure_bias(module: nn.Module) -> None:

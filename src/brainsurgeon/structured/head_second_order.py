@@ -25,7 +25,6 @@ projection with all its removed rows / columns: the exact joint solution under F
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..errors import BrainsurgeonError
 from ..registry import register_variant

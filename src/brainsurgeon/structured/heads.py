@@ -40,8 +40,8 @@ class HeadMagnitude(TransformerMethod):
     2023, "DepGraph").
 
     importance_u = sqrt(sum_{q in group(u)} w_q^2) over every weight of the head (q/k/v rows, o
-    columns) or neuron (gate/up rows, down column). Scores are L2-normalized per layer and unit
-    type before the global search.
+    columns) or neuron (gate/up rows, down column). For the global search each score is taken
+    relative to the mean of its layer and unit type, times the unit's cost.
     """
 
     summary = "L2 norm of each head's q/k/v rows + o columns / each neuron's gate/up rows + down column."

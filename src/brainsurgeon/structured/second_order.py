@@ -58,6 +58,7 @@ from ..curvature.diagonal import (
 from ..curvature.kfac import DEFAULT_DAMPING, _SIGNAL, check_fisher_kind, check_kfac_layer, damped, kfac_factors, weight_with_bias
 from ..curvature.per_sample import check_curvature
 from ..registry import register_variant
+from ..distributed import all_reduce_count, all_reduce_sum
 from ..errors import BrainsurgeonError
 from ..targets import Target
 from .groups import NORM_TYPES, Group, Member, StructuredContext, StructuredMethod
@@ -160,9 +161,9 @@ def parameter_diagonals(
             grads = taps.output_grads(out, signals[k].to(out.dtype), retain_graph=k < signals.shape[0] - 1)
             for name, m in modules.items():
                 _accumulate_module(m, taps.inputs[name], grads[name], acc[name])
-    n = calib.num_samples
+    n = all_reduce_count(calib.num_samples)  # several ranks: sums over every shard (distributed.py)
     diag = {
-        name: {p: (v / n).reshape(getattr(modules[name], p).shape) for p, v in entry.items()}
+        name: {p: (all_reduce_sum(v) / n).reshape(getattr(modules[name], p).shape) for p, v in entry.items()}
         for name, entry in acc.items()
     }
     return ParamDiagonals(diag=diag, num_samples=n)

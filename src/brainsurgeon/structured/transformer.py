@@ -302,17 +302,23 @@ def _slice(p: Proj, axis: int, drop: torch.Tensor) -> None:
 
 class SkippedAttention(nn.Module):
     """Stands in for an attention module that lost every head: its output is o's bias (or zeros),
-    the same as o applied to an empty context. Returns ``(output, None)`` like the HF attentions."""
+    the same as o applied to an empty context. Returns ``(output, None)`` like the HF attentions.
 
-    def __init__(self, o: nn.Module | None, out_features: int = 0):
+    The emptied projections stay as children under their own names (q/k/v with 0 rows, o with 0
+    columns), so the block keeps its family's layout and its state-dict keys."""
+
+    def __init__(self, attn: nn.Module, o_name: str | None, out_features: int):
         super().__init__()
-        self.o = o  # kept as a submodule: its bias (and state-dict entry) stays with the model
+        for name, child in attn.named_children():
+            if hasattr(child, "weight"):
+                self.add_module(name, child)
+        self.o_name = o_name  # o inside the replaced module: its bias is the output
         self.out_features = out_features
 
     def forward(self, hidden_states=None, *args, **kwargs):
         hs = hidden_states if hidden_states is not None else args[0]
         out = hs.new_zeros(*hs.shape[:-1], self.out_features)
-        bias = getattr(self.o, "bias", None)
+        bias = getattr(getattr(self, self.o_name), "bias", None) if self.o_name else None
         return (out + bias if bias is not None else out), None
 
 
@@ -362,10 +368,12 @@ def _skip_attention(u: LayerUnits) -> None:
     path = u.attn_path
     parent_path, _, child = path.rpartition(".")
     parent = u.block.get_submodule(parent_path) if parent_path else u.block
-    o_inside = u.o.name.startswith(f"{u.name}.{path}.")
+    attn = getattr(parent, child)
+    prefix = f"{u.name}.{path}."
+    o_inside = u.o.name.startswith(prefix)
     # o inside the replaced module: its bias is the output; else (BERT) o reads an empty context
     out = u.o.weight_oi().shape[0] if o_inside else 0
-    setattr(parent, child, SkippedAttention(u.o.module if o_inside else None, out))
+    setattr(parent, child, SkippedAttention(attn, u.o.name[len(prefix):] if o_inside else None, out))
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -402,7 +410,58 @@ def _bias_count_head(u: LayerUnits) -> int:
     return rows if u._has_qkv_bias() else 0
 
 
+# ----------------------------------------------------------------------------- per-layer shapes for storage
+def layer_structure(model: nn.Module) -> dict:
+    """The per-layer shapes of a (possibly pruned) HF transformer, JSON-able, for storage:
+    ``{"layers": [{"heads", "kv_heads", "ffn", "skipped"}], "biases": [projection names with a
+    bias]}``. Read from the modules, not the config (which keeps the dense counts)."""
+    from ..adapters.hf import HFAdapter
+
+    adapter = HFAdapter(model)
+    layers, biases = [], []
+    for name, block in adapter.blocks(model):
+        a, f = adapter.layout(block).attention, adapter.layout(block).mlp
+        out_proj = Proj(a.o, block.get_submodule(a.o))
+        cols = out_proj.weight_oi().shape[1]
+        skipped = any(isinstance(m, SkippedAttention) for m in block.modules())
+        if a.qkv is not None:
+            kv = 0 if skipped else cols // a.head_dim
+        else:
+            kv = 0 if skipped else Proj(a.k, block.get_submodule(a.k)).weight_oi().shape[0] // a.head_dim
+        ffn = Proj(f.output, block.get_submodule(f.output)).weight_oi().shape[1]
+        layers.append({"heads": 0 if skipped else cols // a.head_dim, "kv_heads": kv, "ffn": ffn, "skipped": skipped})
+        for rel in (a.q, a.k, a.v, a.qkv, a.o, *f.inputs, f.output):
+            if rel and getattr(block.get_submodule(rel), "bias", None) is not None:
+                biases.append(f"{name}.{rel}")
+    return {"layers": layers, "biases": biases}
+
+
+def apply_layer_structure(model: nn.Module, structure: dict) -> None:
+    """Shape a model freshly built from its (dense) config like :func:`layer_structure` says, in
+    place, so that the pruned state dict loads into it (its values are then overwritten)."""
+    units = layer_units(model, prune_query_heads=True)
+    spec = structure.get("layers", [])
+    if len(spec) != len(units):
+        raise BrainsurgeonError(f"the stored structure has {len(spec)} layers but the model has {len(units)}")
+    keep = {}
+    for u, s in zip(units, spec):
+        h, kv, ffn = int(s["heads"]), int(s["kv_heads"]), int(s["ffn"])
+        per = h // kv if kv else 0
+        if not (0 <= kv <= u.num_kv_heads and per <= u.group_size and 1 <= ffn <= u.ffn_width and per * kv == h):
+            raise BrainsurgeonError(f"{u.name}: stored heads={h}, kv_heads={kv}, ffn={ffn} do not fit the config's layer")
+        mask = torch.zeros(u.num_kv_heads, u.group_size, dtype=torch.bool)
+        mask[:kv, :per] = True
+        keep[u.heads_key] = mask.reshape(-1)
+        keep[u.neurons_key] = torch.arange(u.ffn_width) < ffn
+    compact_units(units, keep, allow_empty_attention=True)
+    for name in structure.get("biases", []):
+        mod = model.get_submodule(name)
+        if getattr(mod, "bias", None) is None:
+            out = mod.weight.shape[0] if isinstance(mod, nn.Linear) else mod.weight.shape[1]
+            mod.bias = nn.Parameter(torch.zeros(out, dtype=mod.weight.dtype, device=mod.weight.device))
+
+
 __all__ = [
     "Proj", "LayerUnits", "layer_units", "MaskHooks", "removed_slices", "zero_units", "compact_units",
-    "SkippedAttention", "UnitCosts",
+    "SkippedAttention", "UnitCosts", "layer_structure", "apply_layer_structure",
 ]

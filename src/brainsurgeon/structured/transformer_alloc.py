@@ -101,6 +101,21 @@ def global_counts(heads: Candidates, neurons: Candidates, remove: float) -> tupl
     return h_counts, n_counts
 
 
+def ordered_counts(heads: Candidates, neurons: Candidates, remove: float) -> tuple[list[int], list[int]]:
+    """FLAP's global order: heads and neurons merged by ascending score (comparable scores, e.g.
+    standardized), removed in that order regardless of their cost until ``remove`` is met."""
+    hl, hs, hc = _capped_order(heads)
+    nl, ns, nc = _capped_order(neurons)
+    kind = torch.cat([torch.zeros_like(hl), torch.ones_like(nl)])
+    layer, cost = torch.cat([hl, nl]), torch.cat([hc, nc])
+    order = torch.argsort(torch.cat([hs, ns]), stable=True)
+    k = int(torch.searchsorted(torch.cumsum(cost[order], 0), remove * (1 - 1e-9))) + 1
+    chosen = order[:k]
+    h = torch.bincount(layer[chosen][kind[chosen] == 0], minlength=len(heads.cap)).tolist()
+    n = torch.bincount(layer[chosen][kind[chosen] == 1], minlength=len(neurons.cap)).tolist()
+    return h, n
+
+
 def uniform_counts(heads: Candidates, neurons: Candidates, remove: float) -> tuple[list[int], list[int]]:
     """The same fraction r of each layer's heads and neurons (rounded, capped), the smallest r
     (bisection) whose removed cost meets ``remove``."""

@@ -26,9 +26,9 @@ from ..context import Numerics, Timings
 from ..data import Calibration
 from ..errors import BrainsurgeonError
 from ..progress import progress_enabled, track
-from ..pruners.base import PruningMethod
-from .transformer import LayerUnits, MaskHooks, UnitCosts, compact_units, layer_units, zero_units
-from .transformer_alloc import candidates, global_counts, max_removable, round_neurons, uniform_counts
+from .groups import StructuredMethod
+from .transformer import LayerUnits, UnitCosts, compact_units, layer_units, zero_units
+from .transformer_alloc import candidates, global_counts, max_removable, ordered_counts, round_neurons, uniform_counts
 
 #: prefill length of the cost model and of the latency measurement
 SEQ_LEN = 512
@@ -47,17 +47,25 @@ class TransformerContext:
     numerics: Numerics = field(default_factory=Numerics)
     timer: Timings = field(default_factory=Timings)
     notes: list[str] = field(default_factory=list)
+    #: costs and total prunable params of the dense units (the report reads them after compaction)
+    dense_costs: "UnitCosts | None" = None
+    dense_params: float = 0.0
 
     def track(self, iterable, description: str, total: int | None = None):
         return track(iterable, description, self.show_progress, total)
 
 
-class TransformerMethod(PruningMethod):
-    """Base class of head/neuron criteria (see the module docstring)."""
+class TransformerMethod(StructuredMethod):
+    """Base class of head/neuron criteria (see the module docstring). A structure="channel" method
+    whose units are heads and FFN neurons of an HF transformer: ``scores``/``select``/``compensate``
+    replace the dependency-group interface (the CNN engine refuses these methods by name)."""
 
     structures: ClassVar[tuple[str, ...]] = ("channel",)
     #: scores are importances of arbitrary scale: L2-normalize them per layer and unit type
     normalize: ClassVar[bool] = False
+    #: global search: "cost" (Kwon et al.: least summed score for the budget) or "order" (FLAP:
+    #: ascending score, whatever a unit costs)
+    search: ClassVar[str] = "cost"
 
     def scores(self, tctx: TransformerContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # abstract: each criterion implements it
@@ -178,6 +186,8 @@ def prune_transformer(
             "pass allow_empty_attention=True, or relax the target"
         )
     dense = copy.deepcopy(work)
+    tctx.dense_costs = UnitCosts.of(units, cost_seq_len(work))
+    tctx.dense_params = tctx.dense_costs.total(units, "params")
     torch.manual_seed(int(seed))
     with tctx.timer("statistics"):
         tctx.scores = _checked_scores(algo, tctx)
@@ -263,19 +273,25 @@ def _checked_scores(algo, tctx) -> dict[str, torch.Tensor]:
     return out
 
 
-def _normalized(units, scores):
+def _normalized(units, scores, unit_cost):
+    """Importances of arbitrary scale made comparable across layers and unit types: each unit's
+    score relative to the mean of its layer and type, times its cost. The budget search then
+    removes, per unit of cost, what is least important relative to its peers (an L2 norm alone
+    would rank a layer's 3 head groups against its 1536 neurons by their count)."""
     out = {}
-    for k, s in scores.items():
-        norm = torch.linalg.vector_norm(s)
-        out[k] = s / norm if norm > 0 else s
+    for i, u in enumerate(units):
+        for key, cost in ((u.heads_key, unit_cost["head"][i]), (u.neurons_key, unit_cost["neuron"][i])):
+            s = scores[key]
+            mean = s.mean()
+            out[key] = (s / mean if mean > 0 else s) * cost
     return out
 
 
 def _allocate(tctx, algo, unit_cost, remove, allocation, cap, allow_empty, round_to):
     units = tctx.layers
-    scores = _normalized(units, tctx.scores) if algo.normalize else tctx.scores
+    scores = _normalized(units, tctx.scores, unit_cost) if algo.normalize else tctx.scores
     heads, neurons = candidates(units, scores, unit_cost, cap, allow_empty)
-    solve = global_counts if allocation == "global" else uniform_counts
+    solve = (ordered_counts if algo.search == "order" else global_counts) if allocation == "global" else uniform_counts
     h, n = solve(heads, neurons, remove)
     n, rounded = round_neurons(units, n, round_to)
     counts = {}
@@ -391,10 +407,9 @@ def _report(tctx, algo, budget, keep, skipped, rounded, cost, compact, allocatio
         layers[u.name] = {
             "heads_before": u.num_heads, "heads_after": int(kh.sum()) * u.q_heads_per_unit,
             "kv_heads_before": u.num_kv_heads, "kv_heads_after": u.num_kv_heads - len(u.kv_rows(kh)) // u.head_dim,
-            "ffn_before": u.ffn_width, "ffn_after": int(kn.sum()), "attention_skipped": u.name in skipped,
+            "ffn_before": kn.numel(), "ffn_after": int(kn.sum()), "attention_skipped": u.name in skipped,
         }
-    costs = UnitCosts.of(tctx.layers, cost_seq_len(tctx.model))
-    total = costs.total(tctx.layers, "params")
+    costs, total = tctx.dense_costs, tctx.dense_params
     removed = sum(
         int((~keep[u.heads_key]).sum()) * costs.head_params[i] + int((~keep[u.neurons_key]).sum()) * costs.neuron_params[i]
         for i, u in enumerate(tctx.layers)

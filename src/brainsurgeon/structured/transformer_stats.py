@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .transformer import LayerUnits, MaskHooks
+from .transformer import MaskHooks
 
 
 @contextmanager
@@ -112,9 +112,4 @@ def flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).double()
 
 
-def unit_columns(u: LayerUnits, kind: str) -> int:
-    """Columns of o (heads) / down (neurons) per unit."""
-    return u.q_heads_per_unit * u.head_dim if kind == "heads" else 1
-
-
-__all__ = ["mask_gradients", "BlockRunner", "capture_inputs", "frozen", "flat", "unit_columns", "MaskHooks"]
+__all__ = ["mask_gradients", "BlockRunner", "capture_inputs", "frozen", "flat", "MaskHooks"]
