@@ -265,13 +265,11 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     from _record import record_section
 
-    sections = []
-    if "memory" in args.parts:
-        sections.append("### Out of core: a 6 GB model\n\n" + part_memory(args))
+    cmd = ("python benchmarks/scale.py " + " ".join(sys.argv[1:])).strip()
+    if "memory" in args.parts:  # each part its own section: a rerun of one leaves the other
+        record_section("scale", "Scale: out of core, a 5 GiB model", cmd, part_memory(args))
     if "distributed" in args.parts:
-        sections.append("### torch.distributed: 1 vs 2 processes\n\n" + part_distributed(args))
-    cmd = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
-    record_section("scale", "Scale: out of core and torch.distributed", cmd.strip(), "\n\n".join(sections))
+        record_section("scale-distributed", "Scale: torch.distributed, 1 vs 2 processes", cmd, part_distributed(args))
 
 
 if __name__ == "__main__":

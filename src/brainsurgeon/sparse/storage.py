@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import BrainsurgeonError
-from ..io import SPEC_KEY, atomic_path
-from ..models import build_model
+from ..io import SPEC_KEY, TIED_KEY, _read_tied, atomic_path, model_from_state, untie
 from . import formats
 
 FORMAT_KEY = "brainsurgeon.format"
@@ -112,12 +111,14 @@ def save(model: nn.Module, path: str | Path, format: str = "sparse", *, spec: di
     if Path(path).is_dir():
         raise BrainsurgeonError(f"{path} is a directory, but this model is saved as one file: give a file path "
                                 "such as model.safetensors (only Hugging Face models are saved as directories)")
-    state = dense_state(model)
+    # a tied parameter (b.weight = a.weight) is stored once and listed under TIED_KEY
+    state, tied = untie(dense_state(model))
     arrays, table, encodings = encode_state(state, format)
     from safetensors.torch import save_file
 
+    extra = {TIED_KEY: json.dumps(tied)} if tied else None
     with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=file_metadata(arrays, table, format, model_spec(model, spec)))
+        save_file(arrays, str(tmp), metadata=file_metadata(arrays, table, format, model_spec(model, spec), extra))
     return size_report(state, Path(path).stat().st_size, encodings, format)
 
 
@@ -276,10 +277,15 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if Path(path).is_dir():
         return hf_dir.load_dir(path, model=model)
     state, spec = load_file_state(path)
+    tied = _read_tied(path, read_header(Path(path)), state)
+    full = {**state, **{alias: state[kept] for alias, kept in tied.items()}}
     if model is None:
         if spec is None:
             raise BrainsurgeonError(f"{path} carries no architecture spec: pass a template, bs.load(path, model=...)")
-        target = build_model(spec)
+        # built on the meta device and checked against the file first; dtypes and ties as stored
+        target = model_from_state(spec, full, tied=tied, source=str(path))
+        target.brainsurgeon_spec = spec
+        return target.eval()
     else:
         if not isinstance(model, nn.Module):
             raise BrainsurgeonError(f"model= must be a torch.nn.Module template, got {type(model).__name__}")
@@ -288,8 +294,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise BrainsurgeonError(f"{path} holds architecture {spec}, but the model given is {template_spec}; "
                                     "pass a template of the stored architecture, or no model")
         target = copy.deepcopy(model)
-    _check_fits(path, target, state, spec)
-    target.load_state_dict(state)
+    _check_fits(path, target, full, spec)
+    target.load_state_dict(full)
     if spec is not None:
         target.brainsurgeon_spec = spec
     return target.eval()
