@@ -375,3 +375,22 @@ def test_gpt2_conv1d_layers_become_sparse_and_save_in_their_own_layout(tmp_path)
     assert same_state(bs.load(tmp_path / "d"), model)
     hf_dir.export_dense(fast, tmp_path / "plain")
     assert same_state(transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "plain")), model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_compacted_heads_and_ffn_round_trip_with_identical_outputs(tmp_path, family):
+    """Per-layer head counts and FFN widths (structure="channel") travel in the index: bs.load rebuilds them."""
+    from test_hf_adapter import BUILDERS, tokens
+
+    model = BUILDERS[family]()
+    res = bs.prune(model, tokens(n=8, length=12), "magnitude", 0.4, structure="channel", allocation="global")
+    widths = {tuple(p.shape) for n, p in res.model.named_parameters() if p.dim() == 2}
+    assert widths != {tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2}  # really smaller
+    bs.save(res.model, tmp_path / "s")
+    back = bs.load(tmp_path / "s")
+    x = tokens(n=2, length=10, seed=9)
+    with torch.no_grad():
+        a, b = res.model(x), back(x)
+    key = "logits" if hasattr(a, "logits") else "last_hidden_state"
+    assert torch.equal(getattr(a, key), getattr(b, key))
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in res.model.state_dict().items())

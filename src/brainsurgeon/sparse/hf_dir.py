@@ -156,6 +156,9 @@ def save_dir(model: nn.Module, path: str | Path, format: str = "sparse", *, toke
             encodings.update(enc)
             file_bytes += (tmp / fname).stat().st_size
         index["tokenizer_files"] = _copy_tokenizer(model, tokenizer, tmp)
+        # heads and FFN neurons removed per layer (structure="channel"): the config keeps the dense
+        # counts, so the per-layer shapes travel in the (checksummed) index
+        index["layer_structure"] = _layer_structure(model)
         index["checksum"] = _index_checksum(index)
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
         total = sum(p.stat().st_size for p in tmp.iterdir())
@@ -265,6 +268,9 @@ def load_dir(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if _sha256_file(path / "config.json") != index["config_sha256"]:
         raise BrainsurgeonError(f"{path / 'config.json'} does not match the checksum in {INDEX_FILE}: it was edited or damaged")
     cls, config, skeleton = build_from_config(path / "config.json")
+    structure = index.get("layer_structure")
+    if structure is not None:
+        _apply_layer_structure(skeleton, structure)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     _check_declared(path, index, expected)
     state = {}
@@ -284,6 +290,8 @@ def load_dir(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     with no_init_weights():
         net = cls(config)
     net.tie_weights()  # no_init_weights also skips tying (tied embeddings)
+    if structure is not None:
+        _apply_layer_structure(net, structure)
     if len(dtypes) == 1:
         net = net.to(dtypes.pop())  # as stored (float32, bfloat16, ...), so the weights stay bit-identical
     net.load_state_dict(state, strict=True)
@@ -293,6 +301,32 @@ def load_dir(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 
         net.generation_config = GenerationConfig.from_pretrained(str(path))
     return net.eval()
+
+
+def _layer_structure(model: nn.Module) -> dict | None:
+    """The per-layer head counts and FFN widths, when they differ from what the config describes."""
+    from ..structured.transformer import layer_structure
+
+    try:
+        structure = layer_structure(model)
+    except BrainsurgeonError:  # a family whose layout the adapter does not know: dense per its config
+        return None
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # what the config alone describes, without weights
+        dense = layer_structure(type(model)(model.config))
+    return None if structure == dense else structure
+
+
+def _apply_layer_structure(model: nn.Module, structure) -> None:
+    from ..structured.transformer import apply_layer_structure
+
+    if not isinstance(structure, dict):
+        raise BrainsurgeonError(f"{INDEX_FILE}: layer_structure must be a JSON object: the directory is damaged")
+    try:
+        apply_layer_structure(model, structure)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BrainsurgeonError(f"{INDEX_FILE}: layer_structure does not fit the config ({e}): the directory is damaged") from e
 
 
 def _check_declared(path: Path, index: dict, expected: dict) -> None:

@@ -387,6 +387,9 @@ def measure_cost(dense: nn.Module, pruned: nn.Module, latency: bool = True, deco
     vocab = dense.get_input_embeddings().num_embeddings
     x = torch.randint(0, vocab, (1, cost_seq_len(dense)), generator=g).to(device)
     prompt = x[:, :16]
+    limit = HFAdapter(dense).max_positions  # the decoded tokens must fit the model's context
+    if limit is not None:
+        decode_steps = max(1, min(decode_steps, limit - prompt.shape[1]))
     with torch.no_grad():
         for m in (dense, pruned):
             m.eval()
