@@ -35,7 +35,7 @@ def prune(
     sparsity: float | None = None,
     *,
     structure: str = "unstructured",
-    allocation: str = "uniform",
+    allocation: str | None = None,
     max_layer_sparsity: float = 0.99,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     num_samples: int | None = None,
@@ -83,6 +83,8 @@ def prune(
         allocation: ``"uniform"``, ``"global"`` (one threshold over comparable saliencies, no layer
             above ``max_layer_sparsity``), ``"sensitivity"`` (measured per-layer sensitivity), or
             ``"owl"`` (layer-wise methods: outlier-weighed per-block sparsity, Yin et al. 2024).
+            Default: ``"global"`` for heads/FFN neurons of an HF model (``structure="channel"``),
+            ``"uniform"`` otherwise.
         loss_fn: ``loss(outputs, targets)``, a mean over the batch; cross-entropy by default (HF:
             the model's own loss, see ``TokenView.loss_fn``).
         damping: relative damping of curvature inverses (each method documents its default).
@@ -105,6 +107,10 @@ def prune(
         weights exactly zero), ``masks`` (True = kept, in each module's own weight orientation)
         and ``report``.
     """
+    if allocation is None:  # heads and FFN neurons are allocated across layers by default (issue 11)
+        from .adapters.hf import is_hf_model as _is_hf
+
+        allocation = "global" if structure == "channel" and _is_hf(model) else "uniform"
     if offload is not None or isinstance(model, (str, os.PathLike)):
         return _prune_path(
             model, data, method, sparsity, offload=offload, out=out, offload_activations=offload_activations,
