@@ -8,30 +8,16 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import brainsurgeon as bs
 import brainsurgeon.cli.core  # noqa: F401  (registers the commands on the app)
 from brainsurgeon import text as bstext
-from brainsurgeon.cli import app
+from test_cli import assert_bad_input, invoke  # noqa: E402
 from test_text import corpus, tiny_llama, tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
-runner = CliRunner()
 SEQ, N, WINDOWS = 16, 8, 4
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_bad_input(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    for f in fragments:
-        assert f in result.output, result.output
 
 
 def digest(folder):

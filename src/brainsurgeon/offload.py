@@ -115,10 +115,6 @@ class ShardIndex:
         return h.hexdigest()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}.get(dtype, str(dtype))
-
-
 def load_skeleton(directory: Path) -> tuple[nn.Module, ShardIndex]:
     """The HF model of ``directory`` with its parameters on ``meta``, checked against the shards."""
     import transformers
@@ -214,7 +210,7 @@ class _Glibc:
 _LIBC = _Glibc()
 
 
-def _stored_names(module: nn.Module, prefix: str) -> list[str]:
+def _stored_names(module: nn.Module) -> list[str]:
     """Relative names of ``module``'s parameters and persistent buffers (what a checkpoint holds)."""
     names = [n for n, _ in module.named_parameters()]
     names += [n for n, _ in module.named_buffers() if n.rpartition(".")[2] not in _non_persistent(module, n)]
@@ -256,7 +252,7 @@ class DiskHooks(BlockHooks):
     # -- blocks
     def before_block(self, name: str, block: nn.Module) -> None:
         self._release_rest()
-        rel = _stored_names(block, name)
+        rel = _stored_names(block)
         if name in self.state["finished"]:  # resumed: the pruned block as written
             tensors = _read_file(self.work / self.state["finished"][name], [f"{name}.{r}" for r in rel])
         else:
@@ -387,7 +383,7 @@ def _fingerprint(index: ShardIndex, settings: dict, batches) -> str:
     return h.hexdigest()
 
 
-def _finish(model: nn.Module, index: ShardIndex, source: Path, work: Path, state: dict, report: dict) -> None:
+def _finish(index: ShardIndex, source: Path, work: Path, state: dict, report: dict) -> None:
     """The tensors outside the blocks, the index, config and tokenizer files, the report."""
     blocks = state["blocks"]
     weight_map = {}
@@ -503,7 +499,7 @@ def prune_offloaded(
         algo.run(ctx)
     report = _report(method, algo, opts, ctx, state, source, Path(out), resumed, act_dir is not None)
     if is_writer():
-        _finish(model, index, source, work, state, report)
+        _finish(index, source, work, state, report)
         if act_dir is not None:
             shutil.rmtree(act_dir, ignore_errors=True)
         _publish(work, Path(out))

@@ -50,7 +50,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .curvature.layer_inputs import LayerInputStats, _Accumulator, _StopForward, check_supported, linear_holders
+from .curvature.layer_inputs import (
+    LayerInputStats, _Accumulator, _StopForward, check_supported, first_input_rows, linear_holders,
+)
 from .data import Calibration
 from .errors import BrainsurgeonError
 from .targets import Target, register_input_capture
@@ -211,28 +213,9 @@ def _block_dtype(block: nn.Module) -> torch.dtype | None:
 
 def _rows_at(block: nn.Module, module: nn.Module, inp: BlockInput, hidden: torch.Tensor, dtype) -> torch.Tensor:
     """``module``'s input rows at its first call in ``block`` (the pass stops there), captured as the
-    layer-by-layer path captures them (``targets.register_input_capture``)."""
-    box: list[torch.Tensor] = []
-
-    def on_rows(rows):
-        box.append(rows)
-        raise _StopForward
-
-    handle = register_input_capture(block, module, on_rows)
-    try:
-        with torch.no_grad():
-            try:
-                call_block(block, inp, hidden, dtype)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    if not box:
-        raise BrainsurgeonError(
-            "a target layer is not called in its block's forward pass, so it has no calibration inputs; exclude it "
-            "with layers={'exclude': [...]}"
-        )
-    return box[0]
+    layer-by-layer path captures them."""
+    return first_input_rows(block, module, lambda: call_block(block, inp, hidden, dtype),
+                            "a target layer is not called in its block's forward pass")
 
 
 def input_groups(block: nn.Module, targets: list[Target], inp: BlockInput, hidden: torch.Tensor, dtype) -> list[list[Target]]:

@@ -29,6 +29,7 @@ accumulator where the model's chain of blocks is known. A module called several 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -219,29 +220,34 @@ def layer_input_stats(
     return acc.result()
 
 
-def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """The input rows of ``module`` when ``model`` runs on ``x`` (the forward stops at the layer)."""
+def first_input_rows(root: nn.Module, module: nn.Module, run: Callable[[], object], where: str) -> torch.Tensor:
+    """The input rows of ``module`` at its first call while ``run()`` calls ``root`` (which contains
+    it); the forward stops there. ``where`` names the pass for the error when ``module`` is never called."""
     box: list[torch.Tensor] = []
 
     def on_rows(rows):
         box.append(rows)
         raise _StopForward
 
-    handle = register_input_capture(model, module, on_rows)  # out_proj of an attention: on the attention
+    handle = register_input_capture(root, module, on_rows)  # out_proj of an attention: on the attention
     try:
         with torch.no_grad():
             try:
-                model(x)
+                run()
             except _StopForward:
                 pass
     finally:
         handle.remove()
     if not box:
         raise BrainsurgeonError(
-            f"layer {name!r} is not called in the model's forward pass, so it has no calibration inputs; "
-            "exclude it with layers={'exclude': [...]}"
+            f"{where}, so it has no calibration inputs; exclude it with layers={{'exclude': [...]}}"
         )
     return box[0]
+
+
+def _capture_input(model: nn.Module, module: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The input rows of ``module`` when ``model`` runs on ``x`` (the forward stops at the layer)."""
+    return first_input_rows(model, module, lambda: model(x), f"layer {name!r} is not called in the model's forward pass")
 
 
 def _uses_per_forward(model: nn.Module, target: Target, x: torch.Tensor) -> int:
