@@ -109,8 +109,28 @@ def test_block_passes_grow_linearly():
         res = bs.prune(model, tokens(4, 8), "wanda", 0.5)
         counts[layers] = res.report["calibration"]["block_passes"]
     per_block = (counts[4] - counts[2]) / 2
-    assert per_block == 5  # 4 input groups (qkv, o, gate/up, down) + 1 recompute
+    assert per_block == 1  # the 4 input groups (qkv, o, gate/up, down) are solved inside one lockstep pass
     assert counts[2] == 1 + 2 * per_block
+
+
+def test_lockstep_pass_equals_partial_passes(monkeypatch):
+    """One lockstep pass per block (each batch pausing at every group) is bit-identical to the
+    partial pass per group plus the recompute it replaces."""
+    import brainsurgeon.sequential as seq
+
+    model = tiny_llama(layers=3)
+    data = tokens(6, 8)
+    for method in ("sparsegpt", "wanda"):
+        one = bs.prune(model, data, method, 0.5, batch_size=2)
+        monkeypatch.setattr(seq, "MAX_LOCKSTEP_BATCHES", 0)
+        partial = bs.prune(model, data, method, 0.5, batch_size=2)
+        monkeypatch.undo()
+        assert one.report["calibration"]["block_passes"] == 1 + 3
+        assert partial.report["calibration"]["block_passes"] == 1 + 3 * 5
+        for n in one.masks:
+            assert torch.equal(one.masks[n], partial.masks[n]), n
+        for (n, p), (_, q) in zip(one.model.named_parameters(), partial.model.named_parameters()):
+            assert torch.equal(p, q), n
 
 
 def test_groups_share_one_accumulation_and_lm_head_runs_after_blocks():

@@ -115,6 +115,9 @@ def _check_data_fits(model: nn.Module, calib: Calibration, loss_fn) -> None:
     # gigabytes: 8 x 512 x 49152 floats for SmolLM2); every batch is validated separately
     shape = tuple(calib.batches[0][0].shape)
     x, y = (v[:2] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in calib.batches[0])
+    probe = getattr(model, "probe", None)  # a model view that knows a cheaper probe (HF: 32 positions)
+    if callable(probe):
+        x, y = probe(x, y)
     try:
         with torch.no_grad():
             out = model(x)
@@ -153,7 +156,8 @@ def working_context(model: nn.Module, data, opts: PruneOptions, layers, loss_fn,
     targets = find_targets(work, layers)
     calib = Calibration.from_data(data, opts.num_samples, opts.batch_size).to(opts.device)
     _check_data_fits(work, calib, loss_fn)
-    validation.check_calibration(calib, loss_fn, validation.num_outputs(work, calib))  # every batch, not the first
+    classes = validation.num_outputs(work, calib) if validation.uses_class_indices(loss_fn) else None
+    validation.check_calibration(calib, loss_fn, classes)  # every batch, not the first
     loss_fn = validation.calibrated_loss(loss_fn, calib)  # class weights: per-sample terms normalised as torch does
     gen_device = opts.device if opts.device.type == "cuda" else torch.device("cpu")
     return PruneContext(

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import BrainsurgeonError
+from .memory import LIBC as _LIBC
 from .sequential import BlockHooks
 
 FORMAT = "brainsurgeon-offload/1"
@@ -176,38 +177,6 @@ def _release(module: nn.Module) -> None:
     _LIBC.trim()
 
 
-class _Glibc:
-    """glibc's heap controls, where the C library is glibc (elsewhere: nothing happens).
-
-    Measured on a 4-block, hidden-2048 Llama (SparseGPT, 2 threads): the default heap kept freed
-    blocks' memory and grew about 20 MB per block (24 blocks: peak RSS 2.68 GiB); with large
-    buffers (1 MiB and up) always mapped, so that freeing returns them at once, and the heap
-    trimmed after each block, the resident memory after a block stays flat and the peak went
-    from 1.55 to 1.38 GiB."""
-
-    M_MMAP_THRESHOLD = -3
-
-    def __init__(self) -> None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            self.lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            self.lib.malloc_trim  # noqa: B018 (absent outside glibc)
-        except (OSError, AttributeError):
-            self.lib = None
-
-    def map_large_buffers(self) -> None:
-        """Allocations of 1 MiB and more get their own mapping (a process-wide glibc setting)."""
-        if self.lib is not None:
-            self.lib.mallopt(self.M_MMAP_THRESHOLD, 1 << 20)
-
-    def trim(self) -> None:
-        if self.lib is not None:
-            self.lib.malloc_trim(0)
-
-
-_LIBC = _Glibc()
 
 
 def _stored_names(module: nn.Module) -> list[str]:

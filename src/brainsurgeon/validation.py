@@ -67,6 +67,11 @@ def _check_consistent(calib: Calibration) -> None:
                 )
 
 
+def uses_class_indices(loss_fn) -> bool:
+    """Whether the loss reads its targets as class indices (then they are checked against the classes)."""
+    return isinstance(loss_fn, _CLASS_INDEX_LOSSES)
+
+
 def _class_range(loss_fn, num_outputs: int | None) -> tuple[int, int | None] | None:
     """(num_classes, ignore_index) when ``loss_fn`` reads integer targets as class indices."""
     if not isinstance(loss_fn, _CLASS_INDEX_LOSSES) or num_outputs is None:

@@ -100,9 +100,16 @@ class _Accumulator:
 
     Small batches are buffered until about ``FLUSH_ELEMENTS`` values are pending and then go
     through one matmul: fewer, larger products are faster, and each float64 addition of the
-    in x in product is paid once per flush rather than once per batch."""
+    in x in product is paid once per flush rather than once per batch. A batch of at least
+    ``OWN_PRODUCT_ELEMENTS`` values (a batch of token windows) is its own product: the float64 sum
+    is then a sum of per-batch products whatever batches came before, so ranks that each
+    accumulate a contiguous shard of the batches and add their sums (``torch.distributed``) get
+    the single process's H up to the order of float64 additions, not float32 rounding (measured
+    before this rule: sparsegpt masks of SmolLM2 differed in 2.5% of entries between 1 and 2
+    processes; after: identical)."""
 
     FLUSH_ELEMENTS = 2**24  # 64 MiB of float32 rows
+    OWN_PRODUCT_ELEMENTS = 2**20  # 4 MiB of float32 rows: a large enough matmul on its own
 
     def __init__(self, dim: int, device: torch.device, with_hessian: bool, with_cross: bool = False) -> None:
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device) if with_hessian else None
@@ -121,11 +128,13 @@ class _Accumulator:
         if self.xtx is None:
             self.sq += rows.to(torch.float64).square().sum(0)
         else:  # the squared norms are diag(X X^T): read them off at the end
+            if rows.numel() >= self.OWN_PRODUCT_ELEMENTS:
+                self._flush()  # what came before, in order; then this batch alone
             self._pending.append(rows)
             if self.cross is not None:
                 self._pending_ref.append(ref_rows.detach().to(rows.dtype))
             self._pending_elems += rows.numel()
-            if self._pending_elems >= self.FLUSH_ELEMENTS:
+            if self._pending_elems >= self.FLUSH_ELEMENTS or rows.numel() >= self.OWN_PRODUCT_ELEMENTS:
                 self._flush()
 
     def _flush(self) -> None:
