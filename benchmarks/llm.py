@@ -7,7 +7,8 @@ exp of the mean NLL of the 511 predicted tokens per window, float64 sums). Every
 decoder layers is pruned (q, k, v, o, gate, up, down; embeddings and the tied lm_head stay dense).
 
 Cells: dense; brainsurgeon methods x sparsities {50%, 2:4, 4:8, 60%, 70%} x allocations {uniform,
-global, owl} (N:M only uniform); peers on the same tokens: ``ref-sparsegpt`` (the unmodified
+global, owl} (N:M only uniform; a method named ``sparsegpt+ec`` runs sparsegpt with
+``error_correction=True``, each layer fitted to the dense network's outputs); peers on the same tokens: ``ref-sparsegpt`` (the unmodified
 ``SparseGPT`` class and ``llama_sequential`` driver of IST-DASLab/sparsegpt; adaptation below) and
 ``llmc-sparsegpt`` / ``llmc-wanda`` (llm-compressor's ``SparseGPTModifier`` /
 ``WandaPruningModifier`` through ``oneshot``, in its own venv). Each cell runs in a subprocess:
@@ -212,8 +213,13 @@ def run_brainsurgeon(cell: dict, calib, eval_ids) -> dict:
     sp = parse_sparsity(cell["sparsity"])
     kwargs = {"structure": sp["structure"], "allocation": cell["allocation"], "seed": SEED, "progress": False,
               "num_samples": NUM_SAMPLES}
+    method, _, variant = cell["method"].partition("+")  # "sparsegpt+ec": error correction towards the dense outputs
+    if variant == "ec":
+        kwargs["error_correction"] = True
+    elif variant:
+        raise SystemExit(f"unknown method variant {variant!r} (known: +ec)")
     with CallMeter() as meter:
-        res = bs.prune(model, calib, method=cell["method"], sparsity=None if sp["n"] else sp["sparsity"], **kwargs)
+        res = bs.prune(model, calib, method=method, sparsity=None if sp["n"] else sp["sparsity"], **kwargs)
     out = meter.result()
     out["model_mb"] = model_bytes(model) / 2**20
     out["numerics"] = res.report.get("numerics")

@@ -121,11 +121,10 @@ def test_lockstep_pass_equals_partial_passes(monkeypatch):
     model = tiny_llama(layers=3)
     data = tokens(6, 8)
     for method in ("sparsegpt", "wanda"):
-        one = bs.prune(model, data, method, 0.5, batch_size=2)
-        monkeypatch.setattr(seq, "MAX_LOCKSTEP_BATCHES", 0)
-        partial = bs.prune(model, data, method, 0.5, batch_size=2)
-        monkeypatch.undo()
+        one = bs.prune(model, data, method, 0.5, batch_size=2, lockstep=True)
+        partial = bs.prune(model, data, method, 0.5, batch_size=2, lockstep=False)
         assert one.report["calibration"]["block_passes"] == 1 + 3
+        assert one.report["calibration"]["lockstep_blocks"] == 3 and partial.report["calibration"]["lockstep_blocks"] == 0
         assert partial.report["calibration"]["block_passes"] == 1 + 3 * 5
         for n in one.masks:
             assert torch.equal(one.masks[n], partial.masks[n]), n
@@ -208,3 +207,20 @@ def test_blocks_path_refused_without_blocks():
         bs.prune(Net(), (x, y), "sparsegpt", 0.5, calibration_path="blocks")
     res = bs.prune(Net(), (x, y), "sparsegpt", 0.5)
     assert res.report["calibration"]["path"] == PATH_LAYERS
+
+
+def test_lockstep_auto_follows_the_memory_estimate(monkeypatch):
+    import brainsurgeon.sequential as seq
+
+    model, data = tiny_llama(layers=2), tokens(4, 8)
+    auto = bs.prune(model, data, "sparsegpt", 0.5, batch_size=2)
+    assert auto.report["calibration"]["lockstep_blocks"] == 2
+    assert auto.report["calibration"]["lockstep"].startswith("auto: about")
+    monkeypatch.setattr(seq, "LOCKSTEP_MEMORY_SHARE", 0.0)  # nothing fits: partial passes, said so
+    small = bs.prune(model, data, "sparsegpt", 0.5, batch_size=2)
+    assert small.report["calibration"]["lockstep_blocks"] == 0
+    assert "over 0% of the" in small.report["calibration"]["lockstep"]
+    for n in auto.masks:
+        assert torch.equal(auto.masks[n], small.masks[n])
+    with pytest.raises(bs.BrainsurgeonError, match="lockstep must be"):
+        bs.prune(model, data, "sparsegpt", 0.5, lockstep="yes")

@@ -40,8 +40,9 @@ class Lockstep:
     batch, in index order, to its next pause; :meth:`finish` runs them to the end and returns the
     results. Use as a context manager: on leaving, unfinished workers are unwound."""
 
-    def __init__(self, count: int, run: Callable[[int], object]) -> None:
+    def __init__(self, count: int, run: Callable[[int], object], after_step: Callable[[], None] | None = None) -> None:
         self._run = run
+        self._after_step = after_step  # called in the caller's thread each time a worker hands back
         self._count = count
         self._local = threading.local()
         self._resume = [threading.Semaphore(0) for _ in range(count)]
@@ -92,6 +93,8 @@ class Lockstep:
         self._resume[i].release()
         self._handed_back.acquire()
         report = self._report
+        if self._after_step is not None:
+            self._after_step()
         if report[0] == "error":
             raise report[1]
         return report

@@ -15,20 +15,26 @@ sequential pipeline) instead walks the network block by block:
    blocks (attention mask, position embeddings, cache flags), by a forward pre-hook
    (``with_kwargs=True``) that stops the forward there;
 3. for each block: its target layers are grouped by the tensor they read (q, k, v read one input;
-   gate and up another), found by one hooked pass over the first batch; for each group in call
-   order, one (partial) pass of the block over the cached inputs accumulates ONE set of
-   statistics for the whole group, and the group is solved; groups later in the block therefore
-   see the pruned earlier groups, exactly as the layer-by-layer path does; then the block's outputs
-   are recomputed with the pruned block and become the next block's inputs.
+   gate and up another), found by one hooked call of the block on the first sample; then ONE pass
+   of the block runs over every cached batch in lockstep (``brainsurgeon.lockstep``): each batch's
+   forward pauses at every group's first input; once every batch has paused there, the group's
+   statistics (ONE accumulation for the whole group, batches added in order) are complete and the
+   group is solved before any batch goes on. Groups later in the block therefore see the pruned
+   earlier groups, exactly as the layer-by-layer path does, and the pass's outputs, computed by
+   the pruned block, become the next block's inputs.
 
 The result equals the layer-by-layer path (same inputs, same accumulation order; the tests check
-masks and weights to 1e-10 in float64) at O(L) block passes (per block: one partial pass per input
-group, stopping at the group, and one pass computing its outputs; ``report["calibration"]
-["block_passes"]`` counts them; plus one hooked pass over the first batch that finds the
-groups) and memory for one block's activations over the calibration set. Measured, sparsegpt 50% on a random Llama (hidden 256, FFN 688, GQA 8/4 heads;
-32 x 128 tokens; 1 thread on the shared 2-core machine), layer-by-layer vs block-sequential:
-4 layers 15.3 s vs 4.7 s, 8 layers 51.1 s vs 7.6 s (statistics 47.8 s vs 5.5 s), identical
-masks and weights.
+masks and weights to 1e-10 in float64) at O(L) block passes: one per block
+(``report["calibration"]["block_passes"]`` counts them, plus the capture). The paused forwards hold
+their live intermediates: measured on SmolLM2-135M, about 7 MB per 512-token window while a group
+is solved. With ``lockstep=False``, when ``"auto"`` estimates that the paused forwards would hold
+more than a quarter of the available memory (``LOCKSTEP_MEMORY_FACTOR`` x the cached activations),
+above ``MAX_LOCKSTEP_BATCHES`` cached batches, and for error correction, each group gets
+a partial pass of its own instead (stopping at the group) and the outputs one more pass, with
+bit-identical results (tested). Measured, sparsegpt 50% on SmolLM2-135M (32 x 512 tokens, 2
+threads): partial passes 99 s, lockstep 52-60 s, the reference SparseGPT driver 88 s.
+Earlier, on a random Llama (hidden 256, FFN 688, GQA 8/4 heads; 32 x 128 tokens), layer-by-layer
+against the block path with partial passes: 4 layers 15.3 s vs 4.7 s, 8 layers 51.1 s vs 7.6 s.
 ``activations_dtype`` (e.g. ``torch.bfloat16``) stores the cached activations in a smaller dtype
 (each block computes in its own dtype; statistics are accumulated as before).
 
@@ -96,6 +102,8 @@ class BlockPlan:
     blocks: list[tuple[str, nn.Module, list[Target]]]
     tail: list[Target]
     passes: int = 0  # block passes run so far (the report's measure of work)
+    lockstep_blocks: int = 0  # blocks calibrated in one lockstep pass (the others: a partial pass per group)
+    lockstep_reason: str = ""
     notes: list[str] = field(default_factory=list)
     #: the blocks come from a module list whose use by the forward is not known: check on data first
     verify_chain: bool = False
@@ -322,7 +330,7 @@ def _share(stats: LayerInputStats, last: bool) -> LayerInputStats:
 def walk_blocks(
     model: nn.Module, plan: BlockPlan, calib: Calibration, visit: Visit, *, with_hessian: bool,
     paired: bool = False, activations_dtype: torch.dtype | None = None, track=None,
-    hooks: "BlockHooks | None" = None,
+    hooks: "BlockHooks | None" = None, lockstep: bool | str = "auto",
 ) -> None:
     """Visit every target inside the blocks with its input statistics, block by block (module doc).
 
@@ -335,6 +343,8 @@ def walk_blocks(
     hidden = hooks.store(hidden)
     ref_hidden = hooks.store([h.clone() for h in hidden]) if paired else None
     plan.passes += 1
+    together, plan.lockstep_reason = use_lockstep(lockstep, hidden)
+    together = together and not paired  # error correction: partial passes over both the pruned and the dense blocks
     blocks = plan.blocks if track is None else track(plan.blocks, "blocks", total=len(plan.blocks))
     model_dtype = _block_dtype(model)  # for blocks without parameters (activations of a Sequential)
     for bname, block, targets in blocks:
@@ -350,7 +360,7 @@ def walk_blocks(
             hidden = hooks.store(_advance(block, calls, hidden, dtype, activations_dtype))
             ref_hidden = hooks.store(_advance(ref_block, calls, ref_hidden, dtype, activations_dtype))
             plan.passes += 1
-        elif len(calls) > MAX_LOCKSTEP_BATCHES:
+        elif not together:
             for group in groups:
                 solve(group, _group_stats(block, None, group, calls, hidden, None, with_hessian, dtype))
                 plan.passes += 1
@@ -359,12 +369,35 @@ def walk_blocks(
         else:
             hidden = hooks.store(_lockstep_block(block, groups, calls, hidden, dtype, activations_dtype, with_hessian, solve))
             plan.passes += 1
+            plan.lockstep_blocks += 1
         hooks.after_block(bname, block)
 
 
 #: above this many cached batches the groups are calibrated by partial passes instead of in lockstep
 #: (one thread per batch is alive during a block's pass)
 MAX_LOCKSTEP_BATCHES = 256
+#: the paused forwards of a lockstep pass hold about this many times the cached activations (measured
+#: 6x on SmolLM2: residual, the attention's or the FFN's input and the FFN's hidden activations; 8
+#: leaves room for wider FFNs)
+LOCKSTEP_MEMORY_FACTOR = 8
+#: ``lockstep="auto"`` runs in lockstep when that estimate is at most this share of the available memory
+LOCKSTEP_MEMORY_SHARE = 0.25
+
+
+def use_lockstep(lockstep, hidden: list[torch.Tensor]) -> tuple[bool, str]:
+    """(whether to calibrate in lockstep, why): True/False as asked; "auto" by the memory estimate."""
+    if len(hidden) > MAX_LOCKSTEP_BATCHES:
+        return False, f"{len(hidden)} cached batches (lockstep runs one thread per batch, at most {MAX_LOCKSTEP_BATCHES})"
+    if lockstep is not True and lockstep is not False:
+        import psutil
+
+        need = LOCKSTEP_MEMORY_FACTOR * sum(h.numel() * h.element_size() for h in hidden)
+        free = psutil.virtual_memory().available
+        if need > LOCKSTEP_MEMORY_SHARE * free:
+            return False, (f"auto: the paused forwards would hold about {need / 2**30:.2f} GiB, over "
+                           f"{LOCKSTEP_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB available")
+        return True, f"auto: about {need / 2**30:.2f} GiB held by the paused forwards, {free / 2**30:.1f} GiB available"
+    return bool(lockstep), "as asked"
 
 
 def _group_solver(bname: str, visit: Visit, hooks: "BlockHooks"):
@@ -386,7 +419,11 @@ def _lockstep_block(block, groups, calls, hidden, dtype, activations_dtype, with
         y = call_block(block, calls[i], h, dtype).detach()
         return y if activations_dtype is None else y.to(activations_dtype)
 
-    with Lockstep(len(calls), run) as steps:
+    # each worker thread allocates from a glibc arena of its own, which keeps what the worker's
+    # forward freed (attention scratch, temporaries) while it is paused: given back after every
+    # step (measured, 32 windows of SmolLM2: peak RSS 2.89 GB untrimmed, 2.12 GB trimmed after
+    # each group, ? trimmed after each step; 52 s, 60 s, ?)
+    with Lockstep(len(calls), run, after_step=LIBC.trim) as steps:
         handles = [register_input_capture(block, g[0].module, lambda rows, k=k: steps.pause(k, rows))
                    for k, g in enumerate(groups)]
         try:
@@ -395,10 +432,6 @@ def _lockstep_block(block, groups, calls, hidden, dtype, activations_dtype, with
                 acc = _Accumulator(group[0].weight_matrix().shape[1], group[0].weight.device, with_hessian)
                 steps.advance(k, lambda i, rows: acc.add(rows),
                               f"layer {group[0].name!r} is not reached in its place in the block's forward pass")
-                # each worker thread's glibc arena keeps what its forward freed before pausing: give
-                # it back while all are paused (measured, 32 windows of
-                # SmolLM2: peak RSS 2.89 -> 2.12 GB, for 52 -> 60 s: the pages are faulted in again)
-                LIBC.trim()
                 solve(group, acc.result())
             return steps.finish("a block's forward pass")
         finally:

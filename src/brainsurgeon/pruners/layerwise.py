@@ -250,7 +250,10 @@ class LayerwiseMethod(PruningMethod):
     Common options: ``calibration_path`` ("auto": block-sequential where the blocks are found, else
     layer by layer; "blocks": refuse when no blocks are found; "layers": the O(L^2) path),
     ``activations_dtype`` (the dtype of the cached block activations: None keeps the model's;
-    "bfloat16"/"float16" halve their memory), ``owl_m`` (5) and ``owl_lambda`` (0.08) for
+    "bfloat16"/"float16" halve their memory), ``lockstep`` (True: each block in one pass, every
+    batch pausing at each group of layers, faster but the paused forwards hold about 6-8x the cached
+    activations; False: a partial pass per group; "auto": lockstep when that fits in a quarter of the
+    available memory; the results are identical), ``owl_m`` (5) and ``owl_lambda`` (0.08) for
     ``allocation="owl"``.
     """
 
@@ -266,7 +269,7 @@ class LayerwiseMethod(PruningMethod):
     def __init__(
         self, percdamp: float | None = None, global_saliency: str = "relative", error_correction: bool | str = False,
         calibration_path: str = "auto", activations_dtype=None, owl_m: float | None = None,
-        owl_lambda: float | None = None,
+        owl_lambda: float | None = None, lockstep: bool | str = "auto",
     ) -> None:
         if not (isinstance(error_correction, bool) or error_correction == "auto"):
             raise BrainsurgeonError(f"error_correction must be True, False or 'auto', got {error_correction!r}")
@@ -279,9 +282,9 @@ class LayerwiseMethod(PruningMethod):
             raise BrainsurgeonError(f"global_saliency must be one of {GLOBAL_SALIENCIES}, got {global_saliency!r}")
         self.percdamp = None if percdamp is None else float(percdamp)
         self.global_saliency = global_saliency
-        self._set_calibration_options(calibration_path, activations_dtype, owl_m, owl_lambda)
+        self._set_calibration_options(calibration_path, activations_dtype, owl_m, owl_lambda, lockstep)
 
-    def _set_calibration_options(self, calibration_path, activations_dtype, owl_m, owl_lambda) -> None:
+    def _set_calibration_options(self, calibration_path, activations_dtype, owl_m, owl_lambda, lockstep="auto") -> None:
         if calibration_path not in CALIBRATION_PATHS:
             raise BrainsurgeonError(f"calibration_path must be one of {CALIBRATION_PATHS}, got {calibration_path!r}")
         _as_dtype(activations_dtype)
@@ -293,6 +296,9 @@ class LayerwiseMethod(PruningMethod):
             else str(activations_dtype).removeprefix("torch.")
         self.owl_m = owl_m
         self.owl_lambda = owl_lambda
+        if lockstep not in (True, False, "auto"):
+            raise BrainsurgeonError(f"lockstep must be True, False or 'auto', got {lockstep!r}")
+        self.lockstep = lockstep
 
     # -------------------------------------------------------------- options and checks
     def corrects_errors(self, ctx: PruneContext) -> bool:
@@ -367,7 +373,7 @@ class LayerwiseMethod(PruningMethod):
                 hooks = None if ctx.block_hooks is None else ctx.block_hooks.dense_pass()
                 walk_blocks(ctx.model, plan, ctx.calib, visit, with_hessian=with_hessian,
                             activations_dtype=_as_dtype(self.activations_dtype), track=self._tracker(ctx, what),
-                            hooks=hooks)
+                            hooks=hooks, lockstep=self.lockstep)
                 rest = plan.tail
             for t in ctx.track(rest, what, total=len(rest)):
                 visit(t.name, t, layer_input_stats(ctx.model, t, ctx.calib, with_hessian=with_hessian))
@@ -479,7 +485,7 @@ class LayerwiseMethod(PruningMethod):
         walk_blocks(
             ctx.model, plan, ctx.calib, lambda b, t, stats: self._prune_target(t, stats, counts[t.name], ctx, masks),
             with_hessian=self.needs_hessian, paired=paired, activations_dtype=_as_dtype(self.activations_dtype),
-            track=self._tracker(ctx, self.name), hooks=self._hooks(ctx, masks),
+            track=self._tracker(ctx, self.name), hooks=self._hooks(ctx, masks), lockstep=self.lockstep,
         )
         spent = time.perf_counter() - t0 - (ctx.timer.seconds.get("solve", 0.0) - solve0)
         ctx.timer.seconds["statistics"] = ctx.timer.seconds.get("statistics", 0.0) + spent
@@ -509,6 +515,7 @@ class LayerwiseMethod(PruningMethod):
             cal.update(path=PATH_LAYERS, prefix_passes=len(ctx.targets))
         else:
             cal.update(path=PATH_BLOCKS, blocks=len(plan.blocks), block_passes=plan.passes,
+                       lockstep_blocks=plan.lockstep_blocks, lockstep=plan.lockstep_reason,
                        layers_after_blocks=[t.name for t in plan.tail],
                        activations_dtype=self.activations_dtype)
         ctx.extra_report["calibration"] = cal

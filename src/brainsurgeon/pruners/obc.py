@@ -186,11 +186,11 @@ class OBC(LayerwiseMethod):
         self, percdamp: float | None = None, chunk_rows: int | None = None, global_saliency: str = "relative",
         error_correction: bool | str = "auto",
         calibration_path: str = "auto", activations_dtype=None, owl_m: float | None = None,
-        owl_lambda: float | None = None, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+        owl_lambda: float | None = None, lockstep: bool | str = "auto", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     ) -> None:
         super().__init__(
             percdamp=percdamp, global_saliency=global_saliency, error_correction=error_correction, calibration_path=calibration_path,
-            activations_dtype=activations_dtype, owl_m=owl_m, owl_lambda=owl_lambda,
+            activations_dtype=activations_dtype, owl_m=owl_m, owl_lambda=owl_lambda, lockstep=lockstep,
         )
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise BrainsurgeonError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
