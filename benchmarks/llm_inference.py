@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -312,13 +313,19 @@ def deepsparse_line(args) -> str:
     return f"deepsparse {probe.stdout.strip()}"
 
 
+def _load_range(rows: list[dict]) -> str:
+    loads = [r["load"] for r in rows if r.get("load") is not None]
+    return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
+
+
 def section(rows: list[dict], args, ds_line: str) -> str:
     lines = [f"SmolLM2-135M-Instruct (float32, 30 layers, hidden 576, vocab 49152, tied embeddings) pruned over its "
              f"210 block linears; calibration {args.calib_samples} x {args.calib_len} tokens of Austen; prompt "
              f"{args.prompt} tokens, {NEW_TOKENS} decoded tokens at batch 1 with the KV cache (tokens/s = "
              f"{NEW_TOKENS} / the summed time of the {NEW_TOKENS} decode calls); prefill = one forward of "
              f"{args.prefill} tokens. Medians of {args.rounds} interleaved rounds (dense torch, bs.to_sparse and "
-             "onnxruntime run one after another in each round). The machine's 2 cores were shared with other jobs."]
+             "onnxruntime run one after another in each round). 1-minute load average of the machine (2 cores) "
+             f"during the run: {_load_range(rows)}."]
     for r in rows:
         if r.get("fallback_reason"):
             lines.append(f"\n**{r['variant']}: pruned by magnitude, not sparsegpt** ({r['fallback_reason']}).")
@@ -418,6 +425,7 @@ def main() -> None:
         model, info = pruned_model(dense, variant, args.method, calib, log)
         log(f"{variant}: {info}")
         rows.append(run_variant(variant, model, info, prompt, prefill_ids, args, log))
+        rows[-1]["load"] = os.getloadavg()[0]
         (CACHE / "llm_inference.json").write_text(json.dumps(rows, indent=1, default=str))
     text = section(rows, args, deepsparse_line(args))
     print(text)

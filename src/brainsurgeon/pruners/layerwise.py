@@ -405,16 +405,21 @@ class LayerwiseMethod(PruningMethod):
         o = ctx.options
         m = OWL_M if self.owl_m is None else float(self.owl_m)
         lam = OWL_LAMBDA if self.owl_lambda is None else float(self.owl_lambda)
-        metrics: dict[str, list[torch.Tensor]] = {}
+        # one block's metrics at a time (all of SmolLM2's in float64 would be 850 MB): a block's
+        # ratio is taken when the walk moves on to the next block
+        pending: dict[str, list[torch.Tensor]] = {}
+        ratios: dict[str, float] = {}
         owner: dict[str, str] = {}
 
         def visit(block, t, stats):
+            for done in [b for b in pending if b != block]:
+                ratios[done] = outlier_ratio(pending.pop(done), m)
             w = t.weight_matrix().detach().double()
-            metrics.setdefault(block, []).append(w.abs() * stats.sq_norms.double().sqrt()[None, :])
+            pending.setdefault(block, []).append(w.abs() * stats.sq_norms.double().sqrt()[None, :])
             owner[t.name] = block
 
         self.dense_statistics(ctx, plan, visit, False, "OWL allocation (dense input norms)")
-        ratios = {b: outlier_ratio(ms, m) for b, ms in metrics.items()}
+        ratios.update({b: outlier_ratio(ms, m) for b, ms in pending.items()})
         block_s = owl_block_sparsities(ratios, o.sparsity, lam)
         numels = {t.name: t.weight.numel() for t in ctx.targets}
         k = num_pruned(sum(numels.values()), o.sparsity)
