@@ -589,7 +589,7 @@ def render(store: dict, doc: str) -> str:
     jobs = sorted({c.get("jobs", 1) for c in store["cells"].values()})
     body = [doc.split("\n\n", 1)[1].strip(), "",
             f"torch threads per cell: {threads}; cells run at once (--jobs): {jobs}; 1-minute load average after the cells: "
-            f"{min(loads):.1f} to {max(loads):.1f} (2 cores shared with other jobs)." if loads else "", "",
+            f"{min(loads):.1f} to {max(loads):.1f} (a 2-core machine; 1 to 2 on it alone, 10 or more when it was shared)." if loads else "", "",
             table(store), "", "Targets:", *targets(store), ""]
     if missing:
         body.append(f"Not run ({len(missing)} cells of the default plan): " + ", ".join(missing) + ".")

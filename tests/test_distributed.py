@@ -171,7 +171,7 @@ def test_two_ranks_equal_one_process(two_ranks, method):
 def test_float32_sparsegpt_two_ranks_same_masks_as_one_process(two_ranks):
     """float32: each batch's X^T X is formed in float32 and summed in float64, so the ranks' sums
     differ from one process's by float64 addition order only: identical masks, float32-close weights
-    (measured on SmolLM2 before per-batch products: 2.5% of the masks differed)."""
+    (on SmolLM2 with the same threads per process the model is bit-identical: BENCHMARKS.md)."""
     with _per_batch_products():
         single = _flat(bs.prune(_model().float(), _tokens(), "sparsegpt", 0.5, batch_size=2))
     ranks = [load_file(str(two_ranks / f"sparsegpt-float32-{r}.safetensors")) for r in range(WORLD)]
