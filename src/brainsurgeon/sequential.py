@@ -352,19 +352,14 @@ def walk_blocks(
         dtype = _block_dtype(block) or model_dtype
         groups = probe_groups(block, targets, calls[0], hidden[0], dtype) if targets and hooks.prunes(bname) else []
         solve = _group_solver(bname, visit, hooks)
-        if paired:
-            ref_block = copy.deepcopy(block)
+        if not together:  # a partial pass per group (with the dense block's beside it for error correction)
+            ref_block = copy.deepcopy(block) if paired else None
             for group in groups:
                 solve(group, _group_stats(block, ref_block, group, calls, hidden, ref_hidden, with_hessian, dtype))
                 plan.passes += 1
             hidden = hooks.store(_advance(block, calls, hidden, dtype, activations_dtype))
-            ref_hidden = hooks.store(_advance(ref_block, calls, ref_hidden, dtype, activations_dtype))
-            plan.passes += 1
-        elif not together:
-            for group in groups:
-                solve(group, _group_stats(block, None, group, calls, hidden, None, with_hessian, dtype))
-                plan.passes += 1
-            hidden = hooks.store(_advance(block, calls, hidden, dtype, activations_dtype))
+            if paired:
+                ref_hidden = hooks.store(_advance(ref_block, calls, ref_hidden, dtype, activations_dtype))
             plan.passes += 1
         else:
             hidden = hooks.store(_lockstep_block(block, groups, calls, hidden, dtype, activations_dtype, with_hessian, solve))
