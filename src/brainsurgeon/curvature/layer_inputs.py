@@ -130,13 +130,14 @@ class _Accumulator:
         if self.xtx is None:
             self.sq += rows.to(torch.float64).square().sum(0)
         else:  # the squared norms are diag(X X^T): read them off at the end
-            if rows.numel() >= self.OWN_PRODUCT_ELEMENTS:
+            own = rows.numel() >= self.OWN_PRODUCT_ELEMENTS
+            if own:
                 self._flush()  # what came before, in order; then this batch alone
             self._pending.append(rows)
             if self.cross is not None:
                 self._pending_ref.append(ref_rows.detach().to(rows.dtype))
             self._pending_elems += rows.numel()
-            if self._pending_elems >= self.FLUSH_ELEMENTS or rows.numel() >= self.OWN_PRODUCT_ELEMENTS:
+            if own or self._pending_elems >= self.FLUSH_ELEMENTS:
                 self._flush()
 
     def _flush(self) -> None:
