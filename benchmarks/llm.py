@@ -8,7 +8,8 @@ decoder layers is pruned (q, k, v, o, gate, up, down; embeddings and the tied lm
 
 Cells: dense; brainsurgeon methods x sparsities {50%, 2:4, 4:8, 60%, 70%} x allocations {uniform,
 global, owl} (N:M only uniform; a method named ``sparsegpt+ec`` runs sparsegpt with
-``error_correction=True``, each layer fitted to the dense network's outputs); peers on the same tokens: ``ref-sparsegpt`` (the unmodified
+``error_correction=True``, each layer fitted to the dense network's outputs; ``sparsegpt+bf16`` with
+``compute_dtype="bfloat16"``: the calibration forwards in a bfloat16 copy of each block); peers on the same tokens: ``ref-sparsegpt`` (the unmodified
 ``SparseGPT`` class and ``llama_sequential`` driver of IST-DASLab/sparsegpt; adaptation below) and
 ``llmc-sparsegpt`` / ``llmc-wanda`` (llm-compressor's ``SparseGPTModifier`` /
 ``WandaPruningModifier`` through ``oneshot``, in its own venv). Each cell runs in a subprocess:
@@ -216,8 +217,10 @@ def run_brainsurgeon(cell: dict, calib, eval_ids) -> dict:
     method, _, variant = cell["method"].partition("+")  # "sparsegpt+ec": error correction towards the dense outputs
     if variant == "ec":
         kwargs["error_correction"] = True
+    elif variant == "bf16":  # the calibration forwards in a bfloat16 copy of each block (AMX)
+        kwargs["compute_dtype"] = "bfloat16"
     elif variant:
-        raise SystemExit(f"unknown method variant {variant!r} (known: +ec)")
+        raise SystemExit(f"unknown method variant {variant!r} (known: +ec, +bf16)")
     with CallMeter() as meter:
         res = bs.prune(model, calib, method=method, sparsity=None if sp["n"] else sp["sparsity"], **kwargs)
     out = meter.result()

@@ -82,7 +82,31 @@ def run_cell(model, calib, ids, method: str, sparsity: float, args) -> dict:
         "prefill_speedup": cost["speedup"].get("prefill"), "decode_speedup": cost["speedup"].get("decode"),
         "heads_removed": res.report["overall"]["heads_removed"], "neurons_removed": res.report["overall"]["neurons_removed"],
         "prune_s": prune_s, "num_samples": res.report["options"]["num_samples"], "round_to": args.round_to,
+        **({"_model": res.model} if args.finetune_epochs else {}),
     }
+
+
+def run_finetuned(model, calib, ids, method: str, sparsity: float, args) -> dict:
+    """The cell's pruned (compacted) model, then ``bs.finetune`` on the calibration windows with the
+    model's own next-token loss (Adam, cosine, 10% of the windows held out to pick the best epoch):
+    how much of the perplexity gap to dense the fine-tuning closes."""
+    import brainsurgeon as bs
+
+    row = run_cell(model, calib, ids, method, sparsity, args)
+    res_model = row.pop("_model")
+    append(dict(row))  # the one-shot cell, as without fine-tuning
+    t0 = time.perf_counter()
+    tuned = bs.finetune(res_model, calib, epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
+                        val_fraction=0.1, select="loss", progress=False)
+    ft_s = time.perf_counter() - t0
+    dense = next((r["ppl"] for r in read_results() if r["method"] == "dense"), None)
+    ppl_ft = perplexity(tuned, ids, args.windows)
+    hist = tuned.finetune_history
+    row.update(method=f"{method}+ft", ppl_oneshot=row["ppl"], ppl=ppl_ft, finetune_s=ft_s,
+               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+               best_epoch=(hist["best"] or {}).get("epoch"),
+               gap_closed=(row["ppl"] - ppl_ft) / (row["ppl"] - dense) if dense else None)
+    return row
 
 
 def torch_pruning_peer(model, calib, sparsity: float, importance: str, batch_size: int, prune_heads: bool = True):
@@ -176,6 +200,9 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--round-to", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--finetune-epochs", type=float, default=0,
+                    help="fine-tune every cell's pruned model this many epochs over the calibration windows (rows 'M+ft')")
+    ap.add_argument("--finetune-lr", type=float, default=2e-5)
     ap.add_argument("--skip-dense", action="store_true", help="leave the dense perplexity to another process")
     ap.add_argument("--record", action="store_true", help="only write the BENCHMARKS.md section from results.jsonl")
     args = ap.parse_args(argv)
@@ -193,12 +220,15 @@ def main(argv=None) -> None:
         append({"method": "dense", "sparsity": 0.0, "ppl": perplexity(model, ids, args.windows), "num_samples": None})
     for s in [float(v) for v in args.sparsities.split(",")]:
         for method in args.methods.split(","):
-            if (method, s, args.num_samples) in done:
+            tag = f"{method}+ft" if args.finetune_epochs else method
+            done = {(r["method"], r["sparsity"], r.get("num_samples")) for r in read_results()}  # other processes' cells
+            if (tag, s, args.num_samples) in done:
                 continue
+            run = run_peer if method.startswith("tp-") else (run_finetuned if args.finetune_epochs else run_cell)
             try:
-                row = (run_peer if method.startswith("tp-") else run_cell)(model, calib, ids, method, s, args)
+                row = run(model, calib, ids, method, s, args)
             except Exception as e:  # a failed cell is recorded, the others still run
-                row = {"method": method, "sparsity": s, "error": f"{type(e).__name__}: {e}", "num_samples": args.num_samples}
+                row = {"method": tag, "sparsity": s, "error": f"{type(e).__name__}: {e}", "num_samples": args.num_samples}
             append(row)
 
 
@@ -220,8 +250,12 @@ def record() -> None:
         if "error" in r:
             table.append([r["method"], r["sparsity"], "failed: " + r["error"][:80], "", "", "", "", "", ""])
             continue
+        note = r.get("note", "")
+        if "ppl_oneshot" in r:
+            note = (f"fine-tuned {r['finetune_epochs']:g} epochs over the calibration windows (Adam lr {r['finetune_lr']:g}, "
+                    f"{r['finetune_s']:.0f} s): one-shot {r['ppl_oneshot']:.2f}, {r['gap_closed']:.0%} of the gap to dense closed")
         table.append([r["method"], r["sparsity"], r["ppl"], r["ppl"] / dense if dense else "", r["flops_ratio"],
-                      r.get("prefill_speedup") or "", r.get("decode_speedup") or "", r.get("num_samples"), r.get("note", "")])
+                      r.get("prefill_speedup") or "", r.get("decode_speedup") or "", r.get("num_samples"), note])
     body = (f"SmolLM2-135M-Instruct, dense perplexity {dense:.3f} on 40 x 512 tokens of *Persuasion*. Heads + FFN neurons "
             "removed (fraction of the decoder head/FFN parameters), global allocation, one-shot. Calibration sequences "
             "of 512 tokens as listed (fisher-mask tunes its masks on the first 16); tp-* is Torch-Pruning's LLM example "

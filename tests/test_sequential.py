@@ -224,3 +224,49 @@ def test_lockstep_auto_follows_the_memory_estimate(monkeypatch):
         assert torch.equal(auto.masks[n], small.masks[n])
     with pytest.raises(bs.BrainsurgeonError, match="lockstep must be"):
         bs.prune(model, data, "sparsegpt", 0.5, lockstep="yes")
+
+
+def _mask_agreement(a, b) -> float:
+    return sum(int((a.masks[n] == b.masks[n]).sum()) for n in a.masks) / sum(m.numel() for m in a.masks.values())
+
+
+def _weight_gap(a, b) -> float:
+    wa = {n: a.model.get_submodule(n).weight.detach().double() for n in a.masks}
+    wb = {n: b.model.get_submodule(n).weight.detach().double() for n in a.masks}
+    return sum(float((wa[n] - wb[n]).norm()) for n in wa) / sum(float(wb[n].norm()) for n in wb)
+
+
+def test_compute_dtype_runs_the_forwards_in_a_low_precision_shadow(monkeypatch):
+    import brainsurgeon.sequential as seq
+
+    model, data = tiny_llama(layers=3, hidden=64), tokens(16, 16)
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: seen.add(a[0].dtype) if isinstance(m, nn.Linear) and a and torch.is_tensor(a[0]) else None)
+    try:
+        fast = bs.prune(model, data, "sparsegpt", 0.5, compute_dtype="bfloat16", batch_size=4)
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen  # the block forwards ran in bfloat16
+    assert all(p.dtype == torch.float32 for p in fast.model.parameters())  # the solves updated float32 weights
+    assert fast.report["calibration"]["compute_dtype"] == "bfloat16"
+    ref = bs.prune(model, data, "sparsegpt", 0.5, batch_size=4)
+    assert _mask_agreement(fast, ref) > 0.9 and _weight_gap(fast, ref) < 0.1
+    # partial passes run the same shadow: bit-identical to the lockstep pass
+    partial = bs.prune(model, data, "sparsegpt", 0.5, compute_dtype="bfloat16", batch_size=4, lockstep=False)
+    assert_same(fast, partial, tol=0)
+    # without copying each solved group into the shadow, later groups and blocks would see dense
+    # weights: the result drifts much further from the float32 run
+    monkeypatch.setattr(seq.Shadow, "sync", lambda self, group: None)
+    stale = bs.prune(model, data, "sparsegpt", 0.5, compute_dtype="bfloat16", batch_size=4)
+    assert _weight_gap(stale, ref) > 2 * _weight_gap(fast, ref)
+
+
+def test_compute_dtype_needs_the_block_path():
+    x, y = tiny_data((8,), n=16)
+    with pytest.raises(BrainsurgeonError, match="compute_dtype='bfloat16'.*layer by layer"):
+        bs.prune(deep_mlp(), (x.double(), y), "sparsegpt", 0.5, calibration_path="layers", compute_dtype="bfloat16")
+    with pytest.raises(BrainsurgeonError, match="compute_dtype must be"):
+        bs.prune(deep_mlp(), (x.double(), y), "sparsegpt", 0.5, compute_dtype="int8")
+    res = bs.prune(deep_mlp(), (x.double(), y), "wanda", 0.5, compute_dtype="float32")  # an MLP's blocks: a float32 shadow
+    assert res.report["calibration"]["compute_dtype"] == "float32"

@@ -349,6 +349,10 @@ def finetune(
     """
     if not isinstance(model, nn.Module):
         raise BrainsurgeonError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .adapters.hf import is_hf_model
+
+    if is_hf_model(model):
+        return _finetune_hf(model, train_data, masks, layers, config, options)
     if config is not None:
         if options or train_data is not None:
             raise BrainsurgeonError("give either config=FineTune(...) or train_data and options, not both")
@@ -366,3 +370,61 @@ def finetune(
     history["options"] = ft.options()
     work.finetune_history = history
     return work.train(model.training)
+
+
+def _finetune_hf(model, train_data, masks, layers, config, options) -> nn.Module:
+    """:func:`finetune` of a Hugging Face model on token data (what ``bs.prune`` accepts: ``(N, L)``
+    ids, a tokenizer's output, or dict batches), with the model's own loss (next-token
+    cross-entropy for a causal LM, the task loss with labels, the distance to the dense hidden
+    states for a plain encoder; :class:`~.adapters.hf.TokenView`). The masks default to the exact
+    zeros of the linears inside the blocks (embeddings and ``lm_head`` are not held unless
+    ``layers=`` names them); GPT-2's ``Conv1D`` layers are held in their own (in, out) orientation."""
+    import dataclasses
+    import functools
+
+    from .adapters.hf import HFAdapter, TokenView, conv1d_masks, conv1d_to_linear, linear_to_conv1d, task_loss
+
+    adapter = HFAdapter(model)
+    loss = functools.partial(task_loss, adapter.task, num_labels=getattr(model.config, "num_labels", None))
+    if config is not None:
+        if options or train_data is not None:
+            raise BrainsurgeonError("give either config=FineTune(...) or train_data and options, not both")
+        ft = config if config.loss_fn is not None else dataclasses.replace(config, loss_fn=loss)
+    else:
+        if train_data is None:
+            raise BrainsurgeonError("finetune needs train_data: token ids (N, L) or a tokenizer's batches")
+        if "loss_fn" in options:
+            raise BrainsurgeonError("finetune of a transformers model uses the model's own loss; loss_fn cannot be given")
+        options = dict(options)
+        if options.get("val_data") is not None:
+            options["val_data"] = token_pairs(options["val_data"], model, "val_data")
+        try:
+            ft = FineTune(token_pairs(train_data, model, "train_data"), loss_fn=loss, **options)
+        except TypeError as e:
+            raise BrainsurgeonError(f"finetune: {e}; options are those of bs.FineTune") from e
+    work = copy.deepcopy(model)
+    swapped = conv1d_to_linear(work)  # the masks and the training see (out, in) weights
+    layers = adapter.default_layers() if layers is None else layers
+    masks = infer_masks(work, layers) if masks is None else check_masks(work, conv1d_masks(masks, swapped))
+    view = TokenView(work)
+    history = train_masked(view, masks, ft, ft.total_steps, ft.seed)
+    linear_to_conv1d(work, swapped)
+    history["options"] = ft.options()
+    work.finetune_history = history
+    return work.train(model.training)
+
+
+def token_pairs(data, model: nn.Module, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token data as one ``(inputs, targets)`` pair of tensors (validated like ``bs.prune``'s data)."""
+    from .adapters.hf import token_batches
+
+    batches = token_batches(data, model, batch_size=1 << 30)
+    if not batches:
+        raise BrainsurgeonError(f"finetune {what} is empty: give at least one sequence")
+    shapes = {tuple(x.shape[1:]) for x, _ in batches}
+    if len(shapes) > 1:
+        raise BrainsurgeonError(
+            f"finetune {what}: the batches have different sequence shapes {sorted(shapes)}; pad them to one length "
+            "and give an attention_mask"
+        )
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])

@@ -297,16 +297,17 @@ def probe_groups(block: nn.Module, targets: list[Target], inp: BlockInput, hidde
 Visit = Callable[[str, Target, LayerInputStats], None]
 
 
-def _group_stats(block, ref_block, group, calls, hidden, ref_hidden, with_hessian, dtype) -> LayerInputStats:
+def _group_stats(shadow: Shadow, ref_block, group, hidden, ref_hidden, with_hessian) -> LayerInputStats:
     """ONE accumulation of the group's shared input over every cached batch (paired with the dense
     block's when ``ref_block`` is given: the error-correcting cross term)."""
     lead = group[0]
     check_supported(lead)
     paired = ref_block is not None
     acc = _Accumulator(lead.weight_matrix().shape[1], lead.weight.device, with_hessian or paired, with_cross=paired)
-    ref_module = ref_block.get_submodule(_relative(lead, block)) if paired else None
-    for i, inp in enumerate(calls):
-        rows = _rows_at(block, lead.module, inp, hidden[i], dtype)
+    block, module, dtype = shadow.block, shadow.module(lead), shadow.dtype
+    ref_module = ref_block.get_submodule(shadow.relative(lead)) if paired else None
+    for i, inp in enumerate(shadow.calls):
+        rows = _rows_at(block, module, inp, hidden[i], dtype)
         ref_rows = _rows_at(ref_block, ref_module, inp, ref_hidden[i], dtype) if paired else None
         acc.add(rows, ref_rows)
     return acc.result()
@@ -330,16 +331,18 @@ def _share(stats: LayerInputStats, last: bool) -> LayerInputStats:
 def walk_blocks(
     model: nn.Module, plan: BlockPlan, calib: Calibration, visit: Visit, *, with_hessian: bool,
     paired: bool = False, activations_dtype: torch.dtype | None = None, track=None,
-    hooks: "BlockHooks | None" = None, lockstep: bool | str = "auto",
+    hooks: "BlockHooks | None" = None, lockstep: bool | str = "auto", compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Visit every target inside the blocks with its input statistics, block by block (module doc).
 
     ``visit(block_name, target, stats)`` may change the target's weight in place (pruning): later
     groups and blocks see the change. ``paired``: statistics carry the cross term with the dense
     network's inputs (error correction). ``hooks``: what happens around each block and group
-    (loading and releasing blocks out of core, splitting a group's solves across ranks)."""
+    (loading and releasing blocks out of core, splitting a group's solves across ranks).
+    ``compute_dtype``: the forwards run in a copy of each block in this dtype (:class:`Shadow`)."""
     hooks = hooks or BlockHooks()
-    calls, hidden = capture_inputs(model, plan.blocks[0][1], calib, activations_dtype)
+    calls, hidden = capture_inputs(model, plan.blocks[0][1], calib, activations_dtype or compute_dtype)
+    fast_calls = None if compute_dtype is None else [cast_floats(c, compute_dtype) for c in calls]
     hidden = hooks.store(hidden)
     ref_hidden = hooks.store([h.clone() for h in hidden]) if paired else None
     plan.passes += 1
@@ -351,20 +354,22 @@ def walk_blocks(
         hooks.before_block(bname, block)
         dtype = _block_dtype(block) or model_dtype
         groups = probe_groups(block, targets, calls[0], hidden[0], dtype) if targets and hooks.prunes(bname) else []
-        solve = _group_solver(bname, visit, hooks)
+        run = Shadow(block, compute_dtype, fast_calls) if compute_dtype not in (None, dtype) else Shadow.of(block, calls, dtype)
+        solve = _group_solver(bname, visit, hooks, run.sync)
         if not together:  # a partial pass per group (with the dense block's beside it for error correction)
-            ref_block = copy.deepcopy(block) if paired else None
+            ref_block = copy.deepcopy(run.block) if paired else None
             for group in groups:
-                solve(group, _group_stats(block, ref_block, group, calls, hidden, ref_hidden, with_hessian, dtype))
+                solve(group, _group_stats(run, ref_block, group, hidden, ref_hidden, with_hessian))
                 plan.passes += 1
-            hidden = hooks.store(_advance(block, calls, hidden, dtype, activations_dtype))
+            hidden = hooks.store(_advance(run.block, run.calls, hidden, run.dtype, activations_dtype))
             if paired:
-                ref_hidden = hooks.store(_advance(ref_block, calls, ref_hidden, dtype, activations_dtype))
+                ref_hidden = hooks.store(_advance(ref_block, run.calls, ref_hidden, run.dtype, activations_dtype))
             plan.passes += 1
         else:
-            hidden = hooks.store(_lockstep_block(block, groups, calls, hidden, dtype, activations_dtype, with_hessian, solve))
+            hidden = hooks.store(_lockstep_block(run, groups, hidden, activations_dtype, with_hessian, solve))
             plan.passes += 1
             plan.lockstep_blocks += 1
+        del run
         hooks.after_block(bname, block)
 
 
@@ -395,20 +400,77 @@ def use_lockstep(lockstep, hidden: list[torch.Tensor]) -> tuple[bool, str]:
     return bool(lockstep), "as asked"
 
 
-def _group_solver(bname: str, visit: Visit, hooks: "BlockHooks"):
-    """``solve(group, stats)``: visit the group's layers this process solves, then the group hook."""
+def _group_solver(bname: str, visit: Visit, hooks: "BlockHooks", sync: Callable[[list[Target]], None]):
+    """``solve(group, stats)``: visit the group's layers this process solves, the group hook (which
+    may broadcast the solved weights across ranks), then ``sync`` (the shadow block's copy)."""
     def solve(group: list[Target], stats: LayerInputStats) -> None:
         for j, t in enumerate(group):
             if hooks.solves(j):
                 visit(bname, t, _share(stats, j == len(group) - 1))
         hooks.after_group(group)
+        sync(group)
     return solve
 
 
-def _lockstep_block(block, groups, calls, hidden, dtype, activations_dtype, with_hessian, solve) -> list[torch.Tensor]:
-    """One pass of ``block`` over every cached batch (``brainsurgeon.lockstep``): each batch pauses
-    at every group's first input; once all have paused there, the group's statistics (added in
-    batch order) are complete and it is solved before any batch goes on. Returns the outputs."""
+def cast_floats(value, dtype: torch.dtype):
+    """``value`` (a block call's record, tuples, dicts) with every floating tensor cast to ``dtype``
+    (rotary cos/sin, additive attention masks: a model run in ``dtype`` builds them in ``dtype``)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, BlockInput):
+        return BlockInput(cast_floats(value.args, dtype), cast_floats(value.kwargs, dtype), value.positional)
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+class Shadow:
+    """The block the calibration forwards run through, and how its layers map to the block's.
+
+    With ``compute_dtype`` (e.g. bfloat16), a copy of the block in that dtype: the forwards (the
+    statistics' inputs and the outputs passed on) run in it, at the speed of the CPU's bfloat16
+    matrix units (AMX: measured 8x float32 for a 512 x 576 x 1536 product at one thread), while the
+    solves read and update the block's own float32 weights; after each group is solved its new
+    weights are copied into the shadow (:meth:`sync`), so later groups and the outputs see them.
+    The statistics are accumulated from the low-precision rows in float32/float64 (never in
+    bfloat16). Without it, the block itself (``Shadow.of``): no copy, ``sync`` does nothing."""
+
+    def __init__(self, block: nn.Module, dtype: torch.dtype, calls: list[BlockInput]) -> None:
+        self.source, self.dtype, self.calls = block, dtype, calls
+        self.block = copy.deepcopy(block).to(dtype)
+        self._names = {id(m): n for n, m in block.named_modules()}
+
+    @classmethod
+    def of(cls, block: nn.Module, calls: list[BlockInput], dtype: torch.dtype | None) -> "Shadow":
+        me = cls.__new__(cls)
+        me.source, me.block, me.dtype, me.calls, me._names = block, block, dtype, calls, None
+        return me
+
+    def module(self, target: Target) -> nn.Module:
+        """The module that runs ``target``'s layer in the shadow."""
+        return target.module if self._names is None else self.block.get_submodule(self._names[id(target.module)])
+
+    def relative(self, target: Target) -> str:
+        """``target``'s module name inside its block."""
+        return _relative(target, self.source)
+
+    def sync(self, group: list[Target]) -> None:
+        if self._names is None:
+            return
+        with torch.no_grad():
+            for t in group:
+                getattr(self.module(t), t.attr).copy_(getattr(t.module, t.attr))
+
+
+def _lockstep_block(shadow: Shadow, groups, hidden, activations_dtype, with_hessian, solve) -> list[torch.Tensor]:
+    """One pass of the block (``shadow.block``) over every cached batch (``brainsurgeon.lockstep``):
+    each batch pauses at every group's first input; once all have paused there, the group's
+    statistics (added in batch order) are complete and it is solved before any batch goes on.
+    Returns the outputs."""
+    block, calls, dtype = shadow.block, shadow.calls, shadow.dtype
+
     def run(i: int) -> torch.Tensor:
         h, hidden[i] = hidden[i], None  # the caller's list: only the outputs are needed after the pass
         y = call_block(block, calls[i], h, dtype).detach()
@@ -419,7 +481,7 @@ def _lockstep_block(block, groups, calls, hidden, dtype, activations_dtype, with
     # step (measured, 32 windows of SmolLM2: peak RSS 2.89 GB untrimmed, 2.12 GB trimmed after
     # each group, ? trimmed after each step; 52 s, 60 s, ?)
     with Lockstep(len(calls), run, after_step=LIBC.trim) as steps:
-        handles = [register_input_capture(block, g[0].module, lambda rows, k=k: steps.pause(k, rows))
+        handles = [register_input_capture(block, shadow.module(g[0]), lambda rows, k=k: steps.pause(k, rows))
                    for k, g in enumerate(groups)]
         try:
             for k, group in enumerate(groups):

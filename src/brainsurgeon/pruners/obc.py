@@ -187,10 +187,12 @@ class OBC(LayerwiseMethod):
         error_correction: bool | str = "auto",
         calibration_path: str = "auto", activations_dtype=None, owl_m: float | None = None,
         owl_lambda: float | None = None, lockstep: bool | str = "auto", time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+        compute_dtype=None,
     ) -> None:
         super().__init__(
             percdamp=percdamp, global_saliency=global_saliency, error_correction=error_correction, calibration_path=calibration_path,
             activations_dtype=activations_dtype, owl_m=owl_m, owl_lambda=owl_lambda, lockstep=lockstep,
+            compute_dtype=compute_dtype,
         )
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise BrainsurgeonError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")

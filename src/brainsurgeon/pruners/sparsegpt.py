@@ -245,11 +245,12 @@ class SparseGPT(LayerwiseMethod):
         self, blocksize: int = 128, mask_blocksize: int | None = None, percdamp: float | None = None,
         global_saliency: str = "relative", error_correction: bool | str = "auto",
         calibration_path: str = "auto", activations_dtype=None, owl_m: float | None = None,
-        owl_lambda: float | None = None, lockstep: bool | str = "auto",
+        owl_lambda: float | None = None, lockstep: bool | str = "auto", compute_dtype=None,
     ) -> None:
         super().__init__(
             percdamp=percdamp, global_saliency=global_saliency, error_correction=error_correction, calibration_path=calibration_path,
             activations_dtype=activations_dtype, owl_m=owl_m, owl_lambda=owl_lambda, lockstep=lockstep,
+            compute_dtype=compute_dtype,
         )
         for name, value in (("blocksize", blocksize), ("mask_blocksize", mask_blocksize)):
             if value is None and name == "mask_blocksize":

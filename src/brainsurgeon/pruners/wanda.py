@@ -50,13 +50,14 @@ class Wanda(LayerwiseMethod):
     def __init__(
         self, global_saliency: str = "relative", calibration_path: str = "auto", activations_dtype=None,
         owl_m: float | None = None, owl_lambda: float | None = None, lockstep: bool | str = "auto",
+        compute_dtype=None,
     ) -> None:
         if global_saliency not in GLOBAL_SALIENCIES:
             raise BrainsurgeonError(f"global_saliency must be one of {GLOBAL_SALIENCIES}, got {global_saliency!r}")
         self.global_saliency = global_saliency
         self.percdamp = None  # no inverse: damping does not apply
         self.error_correction = False  # no weight update: nothing to fit
-        self._set_calibration_options(calibration_path, activations_dtype, owl_m, owl_lambda, lockstep)
+        self._set_calibration_options(calibration_path, activations_dtype, owl_m, owl_lambda, lockstep, compute_dtype)
 
     def relative_damping(self, ctx) -> float:
         return 0.0
