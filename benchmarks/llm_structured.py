@@ -94,7 +94,8 @@ def run_finetuned(model, calib, ids, method: str, sparsity: float, args) -> dict
 
     row = run_cell(model, calib, ids, method, sparsity, args)
     res_model = row.pop("_model")
-    append(dict(row))  # the one-shot cell, as without fine-tuning
+    if not any((r["method"], r["sparsity"], r.get("num_samples")) == (method, sparsity, row["num_samples"]) for r in read_results()):
+        append(dict(row))  # the one-shot cell, as without fine-tuning
     t0 = time.perf_counter()
     tuned = bs.finetune(res_model, calib, epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
                         val_fraction=0.1, select="loss", progress=False)
@@ -264,9 +265,9 @@ def record() -> None:
             + markdown_table(["method", "removed", "ppl", "ppl / dense", "FLOPs ratio", "prefill speedup", "decode speedup",
                               "calib seqs", "note"], table))
     record_section("llm-structured", "Structured transformer pruning (heads + FFN neurons)",
-                   "python benchmarks/llm_structured.py --num-samples 32 --tune-samples 16 --threads 1 --methods M "
-                   "--sparsities S (cells run as separate processes), then --record; `make bench-llm-structured` runs "
-                   "the full grid at 128 sequences", body)
+                   "python benchmarks/llm_structured.py --num-samples 32 --tune-samples 16 --threads 1 --skip-dense --methods M "
+                   "--sparsities S (two such processes at once, one core each; the fine-tuned rows with --finetune-epochs 2 "
+                   "--finetune-lr 5e-5), then --record; `make bench-llm-structured` runs the full grid at 128 sequences", body)
 
 
 if __name__ == "__main__":

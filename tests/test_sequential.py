@@ -270,3 +270,16 @@ def test_compute_dtype_needs_the_block_path():
         bs.prune(deep_mlp(), (x.double(), y), "sparsegpt", 0.5, compute_dtype="int8")
     res = bs.prune(deep_mlp(), (x.double(), y), "wanda", 0.5, compute_dtype="float32")  # an MLP's blocks: a float32 shadow
     assert res.report["calibration"]["compute_dtype"] == "float32"
+
+
+def test_compute_dtype_with_error_correction_and_conv1d():
+    from test_hf_adapter import tiny_gpt2
+
+    model, data = tiny_llama(layers=2, hidden=32), tokens(8, 16)
+    ec = bs.prune(model, data, "sparsegpt", 0.5, compute_dtype="bfloat16", error_correction=True, batch_size=4)
+    ref = bs.prune(model, data, "sparsegpt", 0.5, error_correction=True, batch_size=4)
+    assert ec.report["error_correction"] is True and ec.report["calibration"]["compute_dtype"] == "bfloat16"
+    assert _mask_agreement(ec, ref) > 0.9 and _weight_gap(ec, ref) < 0.1
+    gpt = bs.prune(tiny_gpt2(), data, "wanda", 0.5, compute_dtype="bfloat16", batch_size=4)
+    assert type(gpt.model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # swapped back after the shadowed walk
+    assert all(p.dtype == torch.float32 for p in gpt.model.parameters())
