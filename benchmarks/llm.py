@@ -14,7 +14,9 @@ global, owl} (N:M only uniform; a method named ``sparsegpt+ec`` runs sparsegpt w
 ``llmc-sparsegpt`` / ``llmc-wanda`` (llm-compressor's ``SparseGPTModifier`` /
 ``WandaPruningModifier`` through ``oneshot``, in its own venv). Each cell runs in a subprocess:
 its wall time of the pruning call, the peak RSS of the pruning call (``/proc/self/clear_refs`` reset
-before the call, ``VmHWM`` after) and of the whole subprocess (``getrusage``). Finished cells are kept in
+before the call, ``VmHWM`` after; the model's weights are read once after loading, so that they are
+resident before the call: cells recorded before 2026-11-30 12:00 did not, and their increase counts
+part of the model) and of the whole subprocess (``getrusage``). Finished cells are kept in
 ``runs/bench/llm.json``; a rerun adds the missing cells and rewrites the BENCHMARKS.md section.
 ``--jobs N`` runs N cells at once (a brainsurgeon cell and its reference run side by side, under the
 same load).
@@ -171,7 +173,21 @@ def load_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, use_safetensors=True).eval()
+    resident(model)
+    return model
+
+
+def resident(model) -> None:
+    """Read every weight once: transformers maps the safetensors files, and pages nobody has read
+    are not resident, so without this the first pass over the weights inside the measured call
+    (brainsurgeon's working copy, the reference's first forward) would count part of the user's own
+    model (measured: about 450 MB of SmolLM2) as the call's memory."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            float(p.sum())
 
 
 def model_bytes(model) -> int:
@@ -298,6 +314,9 @@ from llmcompressor.modifiers.pruning import WandaPruningModifier
 model_dir, tokens, kind, structure, _, sparsity, out = sys.argv[1:8]
 calib = load_file(tokens)["calibration"]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+with torch.no_grad():  # every weight read once: its pages resident before the measured call (see resident())
+    for p in model.parameters():
+        float(p.sum())
 ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
 cls = SparseGPTModifier if kind == "sparsegpt" else WandaPruningModifier
 mod = cls(sparsity=float(sparsity), mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
