@@ -216,8 +216,7 @@ def main(argv=None) -> None:
     calib_texts, held = texts()
     calib = calibration(tok, "\n\n".join(calib_texts), num_samples=args.num_samples, seq_len=512, seed=0)
     ids = eval_ids(tok, held)
-    done = {(r["method"], r["sparsity"], r.get("num_samples")) for r in read_results()}
-    if ("dense", 0.0, None) not in done and not args.skip_dense:
+    if not args.skip_dense and not any(r["method"] == "dense" for r in read_results()):
         append({"method": "dense", "sparsity": 0.0, "ppl": perplexity(model, ids, args.windows), "num_samples": None})
     for s in [float(v) for v in args.sparsities.split(",")]:
         for method in args.methods.split(","):

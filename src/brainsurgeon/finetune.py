@@ -353,23 +353,27 @@ def finetune(
 
     if is_hf_model(model):
         return _finetune_hf(model, train_data, masks, layers, config, options)
-    if config is not None:
-        if options or train_data is not None:
-            raise BrainsurgeonError("give either config=FineTune(...) or train_data and options, not both")
-        ft = config
-    else:
-        if train_data is None:
-            raise BrainsurgeonError("finetune needs train_data: (inputs, targets) tensors or batches")
-        try:
-            ft = FineTune(train_data, **options)
-        except TypeError as e:
-            raise BrainsurgeonError(f"finetune: {e}; options are those of bs.FineTune") from e
+    ft = _config(train_data, config, options, "(inputs, targets) tensors or batches")
     masks = infer_masks(model, layers) if masks is None else check_masks(model, masks)
     work = copy.deepcopy(model)
     history = train_masked(work, masks, ft, ft.total_steps, ft.seed)
     history["options"] = ft.options()
     work.finetune_history = history
     return work.train(model.training)
+
+
+def _config(train_data, config: FineTune | None, options: dict, accepted: str) -> FineTune:
+    """The :class:`FineTune` of a call: ``config``, or one built from ``train_data`` and the options."""
+    if config is not None:
+        if options or train_data is not None:
+            raise BrainsurgeonError("give either config=FineTune(...) or train_data and options, not both")
+        return config
+    if train_data is None:
+        raise BrainsurgeonError(f"finetune needs train_data: {accepted}")
+    try:
+        return FineTune(train_data, **options)
+    except TypeError as e:
+        raise BrainsurgeonError(f"finetune: {e}; options are those of bs.FineTune") from e
 
 
 def _finetune_hf(model, train_data, masks, layers, config, options) -> nn.Module:
@@ -386,22 +390,16 @@ def _finetune_hf(model, train_data, masks, layers, config, options) -> nn.Module
 
     adapter = HFAdapter(model)
     loss = functools.partial(task_loss, adapter.task, num_labels=getattr(model.config, "num_labels", None))
-    if config is not None:
-        if options or train_data is not None:
-            raise BrainsurgeonError("give either config=FineTune(...) or train_data and options, not both")
-        ft = config if config.loss_fn is not None else dataclasses.replace(config, loss_fn=loss)
-    else:
-        if train_data is None:
-            raise BrainsurgeonError("finetune needs train_data: token ids (N, L) or a tokenizer's batches")
+    if config is None and train_data is not None:
         if "loss_fn" in options:
             raise BrainsurgeonError("finetune of a transformers model uses the model's own loss; loss_fn cannot be given")
-        options = dict(options)
+        options = dict(options, loss_fn=loss)
         if options.get("val_data") is not None:
             options["val_data"] = token_pairs(options["val_data"], model, "val_data")
-        try:
-            ft = FineTune(token_pairs(train_data, model, "train_data"), loss_fn=loss, **options)
-        except TypeError as e:
-            raise BrainsurgeonError(f"finetune: {e}; options are those of bs.FineTune") from e
+        train_data = token_pairs(train_data, model, "train_data")
+    ft = _config(train_data, config, options, "token ids (N, L) or a tokenizer's batches")
+    if ft.loss_fn is None:
+        ft = dataclasses.replace(ft, loss_fn=loss)
     work = copy.deepcopy(model)
     swapped = conv1d_to_linear(work)  # the masks and the training see (out, in) weights
     layers = adapter.default_layers() if layers is None else layers
