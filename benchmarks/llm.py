@@ -235,8 +235,10 @@ def run_brainsurgeon(cell: dict, calib, eval_ids) -> dict:
         kwargs["error_correction"] = True
     elif variant == "bf16":  # the calibration forwards in a bfloat16 copy of each block (AMX)
         kwargs["compute_dtype"] = "bfloat16"
+    elif variant == "fisher":  # obd's Monte-Carlo Fisher diagonal (the exact GGN of a 49152-way output is refused)
+        kwargs["curvature"] = "fisher"
     elif variant:
-        raise SystemExit(f"unknown method variant {variant!r} (known: +ec, +bf16)")
+        raise SystemExit(f"unknown method variant {variant!r} (known: +ec, +bf16, +fisher)")
     with CallMeter() as meter:
         res = bs.prune(model, calib, method=method, sparsity=None if sp["n"] else sp["sparsity"], **kwargs)
     out = meter.result()
@@ -510,6 +512,7 @@ def main(argv=None) -> None:
             key, cell = futures[fut]
             out = fut.result()
             out.update(cell, finished=time.strftime("%Y-%m-%d %H:%M"), load=os.getloadavg()[0])
+            store = load_store()  # another process may have stored cells meanwhile
             store["cells"][key] = out
             save_store(store)
             log(f"cell {key}: " + (out["error"] if "error" in out else

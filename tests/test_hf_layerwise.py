@@ -150,3 +150,42 @@ def test_owl_on_plain_sequential_exact(path):
     assert sum(int((~m).sum()) for m in res.masks.values()) == round(0.7 * total)
     spars = res.report["owl"]["block_sparsity"]
     assert len(spars) == (4 if path == "blocks" else 5)  # the nested Sequential is one block
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude", "obd"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_result_owns_its_embeddings_ties_kept_user_untouched(method, make):
+    """Layer-wise methods let the working copy read the user's embedding tables during the run
+    (engine.untouched_embeddings); the result must still own them, tied to its lm_head."""
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = bs.prune(model, tokens(4, 8), method, 0.5)
+    emb_user, emb_res = model.get_input_embeddings().weight, res.model.get_input_embeddings().weight
+    assert emb_res.data_ptr() != emb_user.data_ptr()
+    assert res.model.get_output_embeddings().weight is emb_res
+    with torch.no_grad():
+        emb_res.add_(1.0)  # the result's tables are its own: the user's model does not see this
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert emb_user.grad is None
+
+
+def test_targeted_tied_lm_head_is_pruned_in_the_copy_only():
+    model = tiny_llama()
+    before = model.lm_head.weight.clone()
+    res = bs.prune(model, tokens(4, 8), "sparsegpt", 0.5, layers=["*proj", "lm_head"])
+    assert torch.equal(model.lm_head.weight, before)
+    w = res.model.lm_head.weight
+    assert w is res.model.model.embed_tokens.weight and float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_untouched_embeddings_shared_only_by_methods_that_write_only_targets():
+    from brainsurgeon.engine import untouched_embeddings
+    from brainsurgeon.registry import get_method
+    from brainsurgeon.targets import find_targets
+
+    model = tiny_llama()
+    shared = untouched_embeddings(model, find_targets(model, ["*proj"]))
+    assert [p is model.model.embed_tokens.weight for p in shared] == [True]
+    assert untouched_embeddings(model, find_targets(model, ["*proj", "lm_head"])) == []
+    assert get_method("sparsegpt").writes_only_targets and get_method("wanda").writes_only_targets
+    assert not get_method("obd").writes_only_targets and not get_method("kfac-obs").writes_only_targets

@@ -21,6 +21,7 @@ import torch
 from ..allocation import allocate_masks
 from ..context import PruneContext
 from ..errors import BrainsurgeonError
+from ..memory import LIBC
 
 
 class PruningMethod:
@@ -30,6 +31,9 @@ class PruningMethod:
     summary: ClassVar[str] = ""
     #: whether the method can produce N:M patterns (``structure="2:4"``)
     supports_nm: ClassVar[bool] = False
+    #: True where the method writes nothing but its targets' weights and runs no backward pass: the
+    #: engine's working copy then reads the user's embedding tables until the end (engine.unshare)
+    writes_only_targets: ClassVar[bool] = False
     #: the structures this method handles besides "unstructured"/N:M (the structured issue adds "channel")
     structures: ClassVar[tuple[str, ...]] = ("unstructured",)
 
@@ -79,4 +83,7 @@ class SaliencyMethod(PruningMethod):
             scores = self.scores(ctx)
         with ctx.timer("solve"):
             o = ctx.options
-            return allocate_masks(scores, o.sparsity, o.allocation, o.max_layer_sparsity, o.structure)
+            masks = allocate_masks(scores, o.sparsity, o.allocation, o.max_layer_sparsity, o.structure)
+        del scores
+        LIBC.trim()  # the scores' memory back to the system before the next stage
+        return masks

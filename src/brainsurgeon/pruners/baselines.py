@@ -21,6 +21,7 @@ class Magnitude(SaliencyMethod):
     saliency_q = |w_q|. With ``allocation="global"`` this is one threshold over all layers.
     """
 
+    writes_only_targets = True
     summary = "Magnitude |w| (Han et al. 2015): the standard baseline."
 
     def scores(self, ctx: PruneContext) -> dict[str, torch.Tensor]:

@@ -265,6 +265,7 @@ class LayerwiseMethod(PruningMethod):
     """
 
     supports_nm: ClassVar[bool] = True
+    writes_only_targets: ClassVar[bool] = True
     #: allocations the layer-wise methods implement themselves (the engine refuses "owl" elsewhere)
     allocations: ClassVar[tuple[str, ...]] = ("uniform", "global", "owl")
     #: whether the solver needs H (Wanda only needs the input norms)

@@ -369,10 +369,12 @@ def paired_ms(fns, rounds: int, budget_s: float) -> tuple[float, float, float]:
     return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1]), ratio
 
 
-def measure_cost(dense: nn.Module, pruned: nn.Module, latency: bool = True, decode_steps: int = 64) -> dict:
+def measure_cost(dense: nn.Module, pruned: nn.Module, latency: bool = True, decode_steps: int = 64,
+                 rounds: tuple[int, int] = (9, 5), budget_s: tuple[float, float] = (20.0, 30.0)) -> dict:
     """Params, prefill FLOPs at 512 tokens and (if ``latency``) measured CPU latency of prefill
     (batch 1 x 512 tokens) and decode (batch 1, ``decode_steps`` tokens with the KV cache), dense
-    and pruned timed interleaved; "speedup" = median per-round ratio dense / pruned."""
+    and pruned timed interleaved; "speedup" = median per-round ratio dense / pruned. ``rounds`` and
+    ``budget_s``: (prefill, decode) rounds at most, and seconds after which timing stops (>= 3 rounds)."""
     from ..adapters.hf import HFAdapter, TokenView
 
     out = {"before": {}, "after": {}, "speedup": {}}
@@ -394,9 +396,10 @@ def measure_cost(dense: nn.Module, pruned: nn.Module, latency: bool = True, deco
         for m in (dense, pruned):
             m.eval()
             _prefill(m, x)
-        a, b, r = paired_ms((lambda: _prefill(dense, x), lambda: _prefill(pruned, x)), rounds=9, budget_s=20)
+        a, b, r = paired_ms((lambda: _prefill(dense, x), lambda: _prefill(pruned, x)), rounds=rounds[0], budget_s=budget_s[0])
         out["before"]["prefill_ms"], out["after"]["prefill_ms"], out["speedup"]["prefill"] = a, b, r
-        a, b, r = paired_ms((lambda: _decode(dense, prompt, decode_steps), lambda: _decode(pruned, prompt, decode_steps)), rounds=5, budget_s=30)
+        a, b, r = paired_ms((lambda: _decode(dense, prompt, decode_steps), lambda: _decode(pruned, prompt, decode_steps)),
+                            rounds=rounds[1], budget_s=budget_s[1])
         out["before"]["decode_ms"], out["after"]["decode_ms"], out["speedup"]["decode"] = a, b, r
     out["threads"] = torch.get_num_threads()
     return out
