@@ -60,8 +60,9 @@ bench-llm-inference: prepare-llm
 .PHONY: bench-llm-structured
 bench-llm-structured: prepare-llm
 	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,tp-magnitude --sparsities 0.2,0.3
-	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,taylor,obd,reconstruction,tp-magnitude,tp-taylor --sparsities 0.1,0.2,0.3,0.4
+	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,taylor,obd,reconstruction,tp-magnitude,tp-taylor --sparsities 0.1,0.2,0.3,0.4 --save-models $(HOME)/.cache/brainsurgeon/structured-models
 	$(PY) benchmarks/llm_structured.py --methods fisher-mask --sparsities 0.2,0.3 --finetune-epochs 2 --finetune-lr 5e-5
+	$(PY) benchmarks/llm_structured.py --retime --threads 1
 	$(PY) benchmarks/llm_structured.py --record
 
 # a 5 GiB random Llama pruned out of core under an address-space limit, and 1 vs 2 gloo processes on
