@@ -59,7 +59,7 @@ bench-llm-inference: prepare-llm
 # as they finish and skipped when present, then the BENCHMARKS.md section is written from them
 .PHONY: bench-llm-structured
 bench-llm-structured: prepare-llm
-	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,tp-magnitude --sparsities 0.2,0.3
+	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,tp-magnitude --sparsities 0.2,0.3 --save-models $(HOME)/.cache/brainsurgeon/structured-models
 	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,taylor,obd,reconstruction,tp-magnitude,tp-taylor --sparsities 0.1,0.2,0.3,0.4 --save-models $(HOME)/.cache/brainsurgeon/structured-models
 	$(PY) benchmarks/llm_structured.py --methods fisher-mask --sparsities 0.2,0.3 --finetune-epochs 2 --finetune-lr 5e-5
 	$(PY) benchmarks/llm_structured.py --retime --threads 1
