@@ -589,9 +589,9 @@ def targets(store: dict) -> list[str]:
     else:
         lines.append("- Quality at 0.7: not measured (cells missing).")
     for s in ("0.5", "2:4", "0.7"):
+        ref = cells.get(cell_key("ref-sparsegpt", "sparsegpt", s, "uniform"))
         for method in ("sparsegpt", "sparsegpt+bf16"):  # the default, and compute_dtype="bfloat16"
             ours = cells.get(cell_key("brainsurgeon", method, s, "uniform"))
-            ref = cells.get(cell_key("ref-sparsegpt", "sparsegpt", s, "uniform"))
             if ours and ref and "error" not in ours and "error" not in ref:
                 if ours.get("threads") != ref.get("threads"):
                     lines.append(f"- Speed at {s}: brainsurgeon {method} ran at {ours.get('threads')} thread(s), the "

@@ -59,9 +59,9 @@ def perplexity(model, ids, windows: int) -> float:
     return perplexity_of_ids(model, ids, 512, windows)["perplexity"]
 
 
-def append(row: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
+def append(row: dict, path: Path = RESULTS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
 
@@ -90,9 +90,9 @@ def run_cell(model, calib, ids, method: str, sparsity: float, args) -> dict:
 
 def save_model(model, method: str, sparsity: float, args) -> str:
     """The compacted model under ``--save-models`` (``bs.save``), for ``--retime`` on a quiet machine."""
-    import brainsurgeon as bs
-
     import shutil
+
+    import brainsurgeon as bs
 
     out = Path(args.save_models) / f"{method}-{sparsity:g}-n{args.num_samples}"
     if out.exists():
@@ -116,15 +116,11 @@ def retime(args) -> None:
             continue
         pruned = bs.load(path).eval()
         cost = measure_cost(model, pruned, rounds=(15, 9), budget_s=(60.0, 150.0))
-        out = {"saved": path, "method": row["method"], "sparsity": row["sparsity"], "threads": args.threads,
-               "flops_ratio": cost["flops_ratio"], "prefill_speedup": cost["speedup"]["prefill"],
-               "decode_speedup": cost["speedup"]["decode"]}
-        out.update(dense_prefill_ms=cost["before"]["prefill_ms"], prefill_ms=cost["after"]["prefill_ms"],
-                   dense_decode_ms=cost["before"]["decode_ms"], decode_ms=cost["after"]["decode_ms"])
-        RETIME.parent.mkdir(parents=True, exist_ok=True)
-        with open(RETIME, "a") as f:
-            f.write(json.dumps(out) + "\n")
-        print(json.dumps(out), flush=True)
+        append({"saved": path, "method": row["method"], "sparsity": row["sparsity"], "threads": args.threads,
+                "flops_ratio": cost["flops_ratio"], "prefill_speedup": cost["speedup"]["prefill"],
+                "decode_speedup": cost["speedup"]["decode"], "dense_prefill_ms": cost["before"]["prefill_ms"],
+                "prefill_ms": cost["after"]["prefill_ms"], "dense_decode_ms": cost["before"]["decode_ms"],
+                "decode_ms": cost["after"]["decode_ms"]}, RETIME)
 
 
 def run_finetuned(model, calib, ids, method: str, sparsity: float, args) -> dict:

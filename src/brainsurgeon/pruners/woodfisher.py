@@ -159,7 +159,7 @@ class WoodFisher(PruningMethod):
                 f"woodfisher keeps {blocks.num_blocks} inverse blocks of {self.block_size}x{self.block_size} float64: "
                 f"{need / 2**20:.1f} MiB ({need} bytes), over max_memory_bytes={self.max_memory_bytes}; "
                 "lower block_size, prune fewer layers, raise max_memory_bytes, or use a method that scales to "
-                f"{sum(t.weight.numel() for t in ctx.targets)} weights (sparsegpt, wanda, obd with curvature='fisher', kfac-obd)"
+                f"{blocks.layout.size} weights (sparsegpt, wanda, obd with curvature='fisher', kfac-obd)"
             )
         vectors(ctx, self.curvature)  # bad curvature/loss combinations fail here
         check_empirical_is_informative(self.curvature, ctx.loss_fn, "curvature='fisher' (a Monte-Carlo GGN)")
