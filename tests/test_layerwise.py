@@ -50,6 +50,22 @@ def test_linear_hessian_matches_xxt_over_all_rows():
     torch.testing.assert_close(stats.sq_norms, (rows**2).sum(0), **TOL)
 
 
+@pytest.mark.parametrize("d", [1, 7, 256, 257, 700])
+def test_add_gram_is_the_full_product_summed_in_float64_and_exactly_symmetric(d):
+    from brainsurgeon.curvature.layer_inputs import add_gram
+
+    torch.manual_seed(d)
+    x = torch.randn(300, d)
+    start = torch.randn(d, d, dtype=torch.float64)
+    start = start + start.T  # accumulates onto what is there
+    acc = start.clone()
+    add_gram(acc, x)
+    x64 = x.double()
+    # float32 products (inner dimension 300) summed in float64: float32 rounding of each entry
+    torch.testing.assert_close(acc, start + x64.T @ x64, rtol=1e-5, atol=1e-4 * float(x64.square().sum(0).max()) ** 0.5)
+    assert torch.equal(acc - start, (acc - start).T)
+
+
 @pytest.mark.parametrize("kw", [dict(stride=1, padding=0), dict(stride=2, padding=1, dilation=2), dict(padding="same")])
 def test_conv_hessian_matches_explicit_patches(kw):
     torch.manual_seed(1)

@@ -1,4 +1,5 @@
 """brainsurgeon.lockstep: batches advanced pause by pause, one thread running at a time."""
+import os
 import threading
 
 import pytest
@@ -77,3 +78,34 @@ def test_pause_outside_a_worker_does_nothing():
     steps.pause("k", None)  # the caller's thread: no effect, no hang
     with steps:
         assert steps.finish("run") == [0]
+
+
+def _native_thread_counts() -> tuple[int, int]:
+    """OpenMP's and MKL's own thread counts for the calling thread, read from the libraries torch
+    loaded (torch.get_num_threads() reports the process setting, not what a new thread will use)."""
+    import ctypes
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    gomp = ctypes.CDLL(os.path.join(lib, "libgomp.so.1"))
+    mkl = ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
+    return gomp.omp_get_max_threads(), mkl.mkl_get_max_threads()
+
+
+def test_workers_use_the_callers_thread_count():
+    """A new thread starts with OpenMP's and MKL's process defaults (every core): without the
+    worker's own set_num_threads, one forward per worker thread would oversubscribe the machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = []
+        t = threading.Thread(target=lambda: plain.append(_native_thread_counts()))
+        t.start()
+        t.join()
+        seen = Lockstep(3, lambda i: _native_thread_counts())
+        with seen:
+            counts = seen.finish("run")
+    finally:
+        torch.set_num_threads(old)
+    if (os.cpu_count() or 1) > 1:
+        assert plain[0] != (1, 1)  # the hazard is real here: a bare thread ignores the setting
+    assert counts == [(1, 1)] * 3

@@ -95,6 +95,30 @@ def input_rows(module: nn.Module, x: torch.Tensor, args: tuple | None = None) ->
     raise BrainsurgeonError(f"layer-wise statistics support nn.Linear and nn.Conv2d, not {type(module).__name__}")
 
 
+#: column-block width of :func:`add_gram`'s products
+GRAM_BLOCK = 256
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += X^T X`` (acc float64, d x d; X n x d in its own dtype), forming only the upper
+    triangle's blocks: for column blocks B_1..B_k of width about ``GRAM_BLOCK``, the products
+    X_Bi^T X_[Bi..] cover block row i from the diagonal on, and their off-diagonal part is added
+    transposed below the diagonal. That is (k + 1) / 2k of the full product's arithmetic (torch has
+    no symmetric rank-k update) and the sum is exactly symmetric. Measured (2 threads, float32 into
+    float64): 366 -> 200 ms for d = 1536, n = 10922 (SmolLM2's down_proj); 102 -> 77 ms for
+    d = 576; OpenBLAS's ssyrk through scipy took 178 and 151 ms."""
+    d = x.shape[1]
+    k = max(1, -(-d // GRAM_BLOCK))
+    if k == 1:
+        acc += (x.T @ x).to(torch.float64)
+        return
+    edges = [i * d // k for i in range(k + 1)]
+    for a0, a1 in zip(edges[:-1], edges[1:]):
+        p = (x[:, a0:a1].T @ x[:, a0:]).to(torch.float64)  # block row i, from the diagonal block on
+        acc[a0:a1, a0:] += p
+        acc[a1:, a0:a1] += p[:, a1 - a0 :].T
+
+
 class _Accumulator:
     """Running float64 sums of X X^T (optional) and of the squared norms.
 
@@ -145,8 +169,7 @@ class _Accumulator:
             return
         x = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         self._pending, self._pending_elems = [], 0
-        # one fast matmul in the activations' dtype, summed in float64
-        self.xtx += (x.T @ x).to(torch.float64)
+        add_gram(self.xtx, x)  # fast products in the activations' dtype, summed in float64
         if self.cross is not None:
             ref = self._pending_ref[0] if len(self._pending_ref) == 1 else torch.cat(self._pending_ref)
             self._pending_ref = []

@@ -29,7 +29,11 @@ def reversed_cholesky(hessian: torch.Tensor, dtype: torch.dtype = torch.float64)
     On the CPU the reversal is folded into the float64 -> ``dtype`` copy (a numpy view with negative
     strides) and LAPACK's potrf factorises that copy in place without clearing the other triangle:
     measured 0.15 s against 0.37 s for ``torch.linalg.cholesky_ex`` on the flipped copy at d = 4096
-    (which also copies its input and zeroes a triangle). The BLAS threads follow torch's setting.
+    (which also copies its input and zeroes a triangle). LAPACK runs on ONE thread: OpenBLAS's
+    pool threads busy-wait after every multi-threaded call (its thread timeout), and in a prune
+    they stole the cores from torch's next kernels (perf on SmolLM2, 2 threads: 12% of all samples
+    in ``blas_thread_server``); one thread costs 3.4 against 1.9 ms at d = 576, 23 against 14 ms at
+    d = 1536, 0.27 against 0.14 s at d = 4096.
     Raises ``torch.linalg.LinAlgError`` if H is not positive definite in ``dtype``.
     """
     if hessian.device.type == "cpu" and dtype in (torch.float32, torch.float64):
@@ -38,7 +42,7 @@ def reversed_cholesky(hessian: torch.Tensor, dtype: torch.dtype = torch.float64)
         buf = out.numpy()
         np.copyto(buf, hessian.detach().numpy()[::-1, ::-1], casting="same_kind")
         potrf = lapack.spotrf if dtype == torch.float32 else lapack.dpotrf
-        with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+        with threadpool_limits(1, user_api="blas"):
             # buf.T is the same symmetric matrix in Fortran order, factorised in place as R^T R
             # (R upper, Fortran order): read in C order, buf's lower triangle is R^T = L.
             _, info = potrf(buf.T, lower=0, clean=0, overwrite_a=1)
