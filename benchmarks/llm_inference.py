@@ -84,8 +84,13 @@ def _cache_key(model) -> str:
 
 
 @torch.no_grad()
-def torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float]]:
-    """Greedy decoding by hand (prefill, then one token per call with the KV cache); per-step seconds."""
+def torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                 logits: list | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Greedy decoding by hand (prefill, then one token per call with the KV cache); per-step seconds.
+
+    ``logits``: a list that receives every decode step's logits (the one-row products, where
+    to_sparse's decode engines run), to compare against the dense kernels'.
+    """
     key = _cache_key(model)
     out = model(input_ids=prompt, use_cache=True)
     cache, toks, times = getattr(out, key), [int(out.logits[0, -1].argmax())], []
@@ -95,6 +100,8 @@ def torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tup
         times.append(time.perf_counter() - t0)
         cache = getattr(out, key)
         toks.append(int(out.logits[0, -1].argmax()))
+        if logits is not None:
+            logits.append(out.logits[0, -1].clone())
     return torch.cat([prompt, torch.tensor([toks])], dim=1), times
 
 
@@ -217,7 +224,11 @@ def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
                 pre[name].append(prefills[name]())
         with torch.no_grad():
             ref_logits = model(outs["dense torch"]).logits
-            sparse_diff = float((fast(outs["dense torch"]).logits - ref_logits).abs().max())
+            sparse_diff = float((fast(outs["dense torch"]).logits - ref_logits).abs().max())  # prefill engines
+            steps_dense, steps_sparse = [], []  # decode engines: every step's logits (same tokens: compared)
+            torch_greedy(model, prompt, NEW_TOKENS + 1, steps_dense)
+            torch_greedy(fast, prompt, NEW_TOKENS + 1, steps_sparse)
+            decode_diff = max(float((a - b).abs().max()) for a, b in zip(steps_dense, steps_sparse))
             ort_logits, _ = ort_lm.step(outs["dense torch"].numpy(), 0, ort_lm.empty_past())
             ort_diff = float((torch.from_numpy(ort_logits) - ref_logits).abs().max())
         engines = defaultdict(int)
@@ -229,7 +240,8 @@ def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
                "decode_rounds": {k: [round(x, 2) for x in v] for k, v in tps.items()},
                "prefill_ms": {k: round(statistics.median(v), 1) for k, v in pre.items()},
                "same_greedy_tokens": {k: bool(torch.equal(outs[k], outs["dense torch"])) for k in ("bs.to_sparse", "onnxruntime")},
-               "max_abs_logit_diff": {"bs.to_sparse": sparse_diff, "onnxruntime": ort_diff}}
+               "max_abs_logit_diff": {"bs.to_sparse": max(sparse_diff, decode_diff), "onnxruntime": ort_diff,
+                                      "bs.to_sparse decode steps": decode_diff, "bs.to_sparse full forward": sparse_diff}}
         if args.deepsparse:
             res["deepsparse_decode_step"] = deepsparse_peer(args, variant, onnx_path, ort_lm, prompt, threads)
             log(f"{variant} @ {threads}: deepsparse {res['deepsparse_decode_step']}")
@@ -313,6 +325,14 @@ def deepsparse_line(args) -> str:
     return f"deepsparse {probe.stdout.strip()}"
 
 
+def _kernel_line() -> str:
+    from brainsurgeon.sparse import native
+
+    if native.load() is None:
+        return f"not built ({native.error()})"
+    return f"{native.isa()} build, OpenMP runtime {native.openmp_runtime()}"
+
+
 def _load_range(rows: list[dict]) -> str:
     loads = [r["load"] for r in rows if r.get("load") is not None]
     return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
@@ -325,7 +345,9 @@ def section(rows: list[dict], args, ds_line: str) -> str:
              f"{NEW_TOKENS} / the summed time of the {NEW_TOKENS} decode calls); prefill = one forward of "
              f"{args.prefill} tokens. Medians of {args.rounds} interleaved rounds (dense torch, bs.to_sparse and "
              "onnxruntime run one after another in each round). 1-minute load average of the machine (2 cores) "
-             f"during the run: {_load_range(rows)}."]
+             f"during the run: {_load_range(rows)}. Max logit diff: over every decode step's logits (the one-row "
+             "products, where the decode engines run) and one full forward of the prompt and the decoded tokens (the prefill engines), "
+             f"against dense torch on the same weights. Bitmask kernels: {_kernel_line()}."]
     for r in rows:
         if r.get("fallback_reason"):
             lines.append(f"\n**{r['variant']}: pruned by magnitude, not sparsegpt** ({r['fallback_reason']}).")
@@ -353,7 +375,9 @@ def section(rows: list[dict], args, ds_line: str) -> str:
     sizes = [[r["variant"], r["size"]["sparse_dir_bytes"] / 2**20, r["size"]["dense_dir_bytes"] / 2**20,
               f"{100 * r['size']['ratio']:.1f}%", r["size"]["bytes_per_nonzero"], ", ".join(r["size"]["encodings"])]
              for r in rows]
-    lines += ["", "Directory sizes (all files; the tied 49152 x 576 embedding is stored once, dense, 108 MiB):", "",
+    lines += ["", "Directory sizes (all files; the tied 49152 x 576 embedding is stored once, dense, its float32 byte "
+              "planes deflated where that pays, as every float array of the sparse directory: lossless, format "
+              "version 3; the dense directory is save_pretrained's):", "",
               markdown_table(["pruned", "sparse dir MiB", "dense save_pretrained MiB", "ratio", "bytes/non-zero",
                               "encodings"], sizes)]
     for r in rows:
@@ -395,6 +419,8 @@ def main() -> None:
                     help="a Python 3.11 venv with deepsparse (1.8.0: 1.9.0 does not build); absent: not measured")
     ap.add_argument("--no-deepsparse", dest="deepsparse", action="store_false")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the stored rows of variants not run now (runs/bench/llm_inference.json)")
     ap.add_argument("--from-json", action="store_true",
                     help="write the section from runs/bench/llm_inference.json (the variants measured so far)")
     args = ap.parse_args()
@@ -419,14 +445,18 @@ def main() -> None:
     prompt = tokens(tok, 1, args.prompt, offset_chars=2_000_000)
     prefill_ids = tokens(tok, 1, args.prefill, offset_chars=2_100_000)
     OUT.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, kept = [], []
+    if args.merge and (CACHE / "llm_inference.json").exists():
+        kept = [r for r in json.loads((CACHE / "llm_inference.json").read_text())
+                if r["variant"] not in args.variants.split(",")]
     for variant in args.variants.split(","):
         torch.set_num_threads(1)
         model, info = pruned_model(dense, variant, args.method, calib, log)
         log(f"{variant}: {info}")
         rows.append(run_variant(variant, model, info, prompt, prefill_ids, args, log))
         rows[-1]["load"] = os.getloadavg()[0]
-        (CACHE / "llm_inference.json").write_text(json.dumps(rows, indent=1, default=str))
+        (CACHE / "llm_inference.json").write_text(json.dumps(kept + rows, indent=1, default=str))
+    rows = kept + rows
     text = section(rows, args, deepsparse_line(args))
     print(text)
     if not args.no_record:

@@ -141,8 +141,9 @@ def main() -> None:
 
     body = [
         "Times are medians of repeated calls (at least 15, more within 0.5 s) on a CPU shared with other work "
-        "while this ran; ratios compare engines measured in the same run. `numba_csr` is our kernel "
-        "(uint16 column indices, rows split over torch's thread count), `numba_csr_serial` the same on one thread. "
+        "while this ran; ratios compare engines measured in the same run. `bitmask` is our C kernel "
+        "(a uint16 of presence bits per 16 columns, AVX-512 expand-load; torch's threads), `numba_csr_serial` our "
+        "numba CSR kernel (uint16 column indices) on one thread; `_serial` engines run on one thread. "
         f"torch uses {torch.get_num_threads()} threads."
         + (f" Unavailable here: {', '.join(f'{k} ({v})' for k, v in avail.items() if v)}." if any(avail.values()) else ""),
         "", "### Layers (y = W x, W out x in)", "", layer_tables(rows, engines), "",

@@ -39,16 +39,23 @@ def _tensors() -> dict[str, torch.Tensor]:
     nm.reshape(12, 8, 4)[..., 2:] = 0
     nm48 = torch.randn(6, 64, generator=g)
     nm48.reshape(6, 8, 8)[..., 4:] = 0
+    # narrow-range values (few exponents): their top byte plane deflates, so they are stored packed
+    narrow = torch.empty(70, 80).uniform_(0.01, 0.05, generator=g) * torch.randn(70, 80, generator=g).sign()
+    packed_sparse = narrow.clone()
+    packed_sparse[torch.rand(70, 80, generator=g) < 0.2] = 0
     return {"csr": sparse((40, 20), 0.6), "delta": sparse((30, 100), 0.97), "far": sparse((4, 3000), 0.999),
-            "nm": nm, "nm48": nm48, "bias": torch.randn(12), "count": torch.tensor(3)}
+            "nm": nm, "nm48": nm48, "bias": torch.randn(12), "count": torch.tensor(3),
+            "packed_dense": narrow, "packed_sparse": packed_sparse}
 
 
 @pytest.fixture(scope="module")
 def valid(tmp_path_factory):
     tensors = _tensors()
     path = tmp_path_factory.mktemp("fuzz") / "valid.safetensors"
-    encodings = bs.save(Holder(tensors), path)["encodings"]
+    report = bs.save(Holder(tensors), path)
+    encodings = report["encodings"]
     assert {"nm", "delta", "dense"} <= set(encodings.values()), encodings
+    assert set(report["packed"]) == {"packed_dense", "packed_sparse"}, report["packed"]
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata())
     return tensors, meta, load_file(str(path)), path.read_bytes()
@@ -58,11 +65,27 @@ VALUES = [0, -1, 1, 2, 3, 4, 5, 7, 8, 15, 16, 255, 256, 65535, 2**31, 2**63, -2*
           True, [], {}, [20_000, 25_000], [1], [0, 0], [2, 3, 4], [-5, 4]]
 
 
+def _mutate_packing(rng, spec: dict) -> None:
+    """A field of a packed tensor's ``packed`` entry: its count, a plane's codec or length, the codec."""
+    action = rng.random()
+    if action < 0.3:
+        spec["count"] = rng.choice(VALUES + [spec["count"] + 1, spec["count"] - 1, spec["count"] * 2])
+    elif action < 0.6 and isinstance(spec.get("planes"), list) and spec["planes"]:
+        plane = spec["planes"][rng.randrange(len(spec["planes"]))]
+        plane[rng.randrange(2)] = rng.choice(VALUES + ["raw", "zlib", "lz4", plane[1] + 1, plane[1] - 1])
+    elif action < 0.75:
+        spec["planes"] = rng.choice([spec["planes"][:-1], spec["planes"] + [["raw", 0]], spec["planes"][::-1], {}])
+    else:
+        spec[rng.choice(["codec", "part", "count", "planes"])] = rng.choice(VALUES + ["zlib-planes", "data", "values"])
+
+
 def _mutate_header(rng, table: dict) -> None:
     name = rng.choice(sorted(table))
     entry = table[name]
     action = rng.random()
-    if action < 0.15 and entry:
+    if isinstance(entry.get("packed"), dict) and rng.random() < 0.5:
+        _mutate_packing(rng, entry["packed"])
+    elif action < 0.15 and entry:
         entry.pop(rng.choice(sorted(entry)))
     elif action < 0.25:
         entry["encoding"] = rng.choice(["csr", "delta", "nm", "dense", "zip"])

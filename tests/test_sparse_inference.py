@@ -9,7 +9,7 @@ import brainsurgeon as bs
 from brainsurgeon.errors import BrainsurgeonError
 from brainsurgeon.models import LeNet5, build_model, make_spec
 from brainsurgeon.sparse import SparseConv2d, SparseLinear
-from brainsurgeon.sparse.kernels import CSR, SPARSE_ENGINES, available_engines, get_engine
+from brainsurgeon.sparse.kernels import CSR, ENGINES, SPARSE_ENGINES, available_engines, get_engine
 
 RTOL = 1e-5
 
@@ -25,18 +25,21 @@ def close(y: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool((y - ref).abs().max() <= RTOL * ref.abs().max())
 
 
-USABLE = [e for e, why in available_engines().items() if why is None]
+USABLE = [e for e, why in available_engines().items() if why is None]  # to_sparse's defaults
+ALL_ENGINES = tuple(e for e in ENGINES if e != "dense")
+ALL_USABLE = [e for e, why in available_engines(ALL_ENGINES).items() if why is None]
 
 
 def test_numba_and_torch_engines_are_usable():
-    # our own kernel and torch's must always work; MKL depends on the runtime being installed
-    assert {"numba_csr", "torch_csr", "torch_bsr"} <= set(USABLE)
+    # our own kernels and torch's must always work; MKL depends on the runtime being installed
+    assert {"bitmask", "bitmask_serial", "numba_csr", "numba_csr_serial", "torch_csr", "torch_bsr"} <= set(ALL_USABLE)
+    assert "numba_csr" not in SPARSE_ENGINES  # a second OpenMP runtime: opt-in only (kernels.SPARSE_ENGINES)
 
 
-@pytest.mark.parametrize("engine", SPARSE_ENGINES)
+@pytest.mark.parametrize("engine", ALL_ENGINES)
 @pytest.mark.parametrize("batch", [1, 7])
 def test_sparse_linear_matches_dense(engine, batch):
-    if engine not in USABLE:  # not a skip: an unusable engine must be refused clearly
+    if engine not in ALL_USABLE:  # not a skip: an unusable engine must be refused clearly
         with pytest.raises(BrainsurgeonError, match="not usable"):
             bs.to_sparse(nn.Linear(8, 8), engine=engine)
         return
@@ -160,7 +163,7 @@ def test_bad_arguments():
         bs.to_sparse(nn.Linear(3, 3), example_input=torch.rand(1, 4))
 
 
-@pytest.mark.parametrize("engine", [e for e in USABLE if e != "numba_csr_serial"])
+@pytest.mark.parametrize("engine", [e for e in ALL_USABLE if not e.endswith("_serial")])
 def test_sparse_models_deep_copy(engine):
     import copy
 

@@ -211,8 +211,10 @@ def test_size_bars(tmp_path, pruned_lenet, sparsity, bar):
     assert report["bytes"] == os.path.getsize(tmp_path / "sparse.safetensors")
     assert report["bytes"] <= bar * dense_bytes, (report["bytes"], dense_bytes)
     assert report["nonzeros"] == sum(int((v != 0).sum()) for v in pruned[sparsity].state_dict().values())
-    # float32 value + an 8-bit gap is 5 bytes; fillers, biases and the header add a little
-    assert 5.0 <= report["bytes_per_nonzero"] < 5.5
+    # float32 value + an 8-bit gap is 5 bytes; fillers, biases and the header add a little. The
+    # values' byte planes are then deflated (the exponent byte carries ~2 bits): below 5, above 3.5
+    assert "net.1.weight" in report["packed"]  # net.3 keeps under PACK_MIN_ELEMENTS values
+    assert 3.5 <= report["bytes_per_nonzero"] < 5.0
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -15,6 +15,12 @@ whichever of these encodings is smallest for it:
   exactly N values per group and each value's position in the group in ``ceil(log2 M)`` bits.
 * ``dense`` -- the tensor as it is (biases, BatchNorm statistics, weights that are not sparse enough).
 
+Then, losslessly (format version 3, :func:`pack_floats`): the float array of any encoding (the
+non-zero values, or a dense tensor) is split into byte planes, and each plane that deflates by 3% or
+more is stored deflated (zlib). A float32 weight's top byte (sign and 7 exponent bits) carries ~1.5
+bits of information in a pruned LLM, its low mantissa bytes ~8: SmolLM2-135M's kept values take
+3.25 bytes instead of 4, and its embedding (dequantised from 4 bits) 2.45.
+
 Decoding gives every non-zero bit for bit. Zeros come back as +0.0: a pruned weight multiplied by
 its mask may be -0.0, which compares equal to 0 but whose sign bit is not worth storing.
 """
@@ -44,7 +50,7 @@ class Encoded:
     dtype: torch.dtype
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
-    version: int = 2  # the file format version it was read from (decoding checks differ slightly)
+    version: int = 3  # the file format version it was read from or is written in (decoding checks differ)
 
     @property
     def nbytes(self) -> int:
@@ -344,6 +350,98 @@ def encode_best(t: torch.Tensor, name: str = "") -> Encoded:
     return min(candidates, key=lambda c: stored_size(c, name))
 
 
+# ----------------------------------------------------------------------------- lossless float packing
+PACK_CODEC = "zlib-planes"
+PACK_MIN_ELEMENTS = 4096  # below this the header entries cost more than deflating saves
+PACK_LEVEL = 3  # zlib level: 6 saves 1.5% more of the values and takes twice as long
+PACK_SAMPLE = 1 << 20  # bytes of a plane deflated first to decide whether the whole plane is worth it
+
+
+def _float_part(e: Encoded) -> str:
+    return "data" if e.encoding == "dense" else "values"
+
+
+def _deflated(plane: bytes) -> bytes | None:
+    """``plane`` deflated, or None when that saves under 3% (mantissa bytes: near 8 bits of entropy)."""
+    import zlib
+
+    sample = plane[:PACK_SAMPLE]
+    if len(zlib.compress(sample, 1)) >= 0.97 * len(sample):
+        return None
+    z = zlib.compress(plane, PACK_LEVEL)
+    return z if len(z) < 0.97 * len(plane) else None
+
+
+def pack_floats(e: Encoded) -> Encoded:
+    """``e`` with its float array stored as byte planes, deflated where that pays; ``e`` itself if nothing does."""
+    key = _float_part(e)
+    t = e.parts.get(key)
+    if t is None or not t.is_floating_point() or t.numel() < PACK_MIN_ELEMENTS:
+        return e
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().reshape(-1, t.element_size())
+    streams, planes = [], []
+    for i in range(raw.shape[1]):
+        plane = np.ascontiguousarray(raw[:, i]).tobytes()
+        z = _deflated(plane)
+        streams.append(plane if z is None else z)
+        planes.append(["raw" if z is None else "zlib", len(streams[-1])])
+    stored = sum(len(b) for b in streams)
+    if stored >= 0.97 * raw.size:
+        return e
+    parts = {k: v for k, v in e.parts.items() if k != key}
+    parts[f"{key}_packed"] = torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8)
+    info = {**e.info, "packed": {"part": key, "codec": PACK_CODEC, "count": int(t.numel()), "planes": planes}}
+    return Encoded(e.encoding, e.shape, e.dtype, parts, info, e.version)
+
+
+def _inflate(chunk: bytes, size: int) -> bytes:
+    """Exactly ``size`` bytes from one complete zlib stream; never more are allocated (no zip bombs)."""
+    import zlib
+
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(chunk, size)
+    except zlib.error as err:
+        raise BrainsurgeonError(f"a packed byte plane does not inflate ({err}): the file is damaged") from None
+    if len(out) != size or not d.eof or d.unconsumed_tail or d.unused_data:
+        raise BrainsurgeonError(f"a packed byte plane does not inflate to its declared {size} bytes: the file is damaged")
+    return out
+
+
+def unpack_floats(e: Encoded) -> Encoded:
+    """The inverse of :func:`pack_floats`; every declared size checked before anything is allocated."""
+    spec = e.info.get("packed")
+    if spec is None:
+        return e
+    if e.version < 3:
+        raise BrainsurgeonError(f"packed tensors exist from format version 3, this file says {e.version}: the file is damaged")
+    key = _float_part(e)
+    if not isinstance(spec, dict) or spec.get("part") != key or spec.get("codec") != PACK_CODEC:
+        raise BrainsurgeonError(f"the packing entry {str(spec)[:80]} is not {PACK_CODEC} of {key!r}: the file is damaged")
+    itemsize = torch.empty(0, dtype=e.dtype).element_size()
+    count = info_int(spec, "count", lo=0, hi=math.prod(e.shape))  # no encoding stores more values than elements
+    planes, blob = spec.get("planes"), e.parts.get(f"{key}_packed")
+    if not isinstance(planes, list) or len(planes) != itemsize or any(
+            not isinstance(p, list) or len(p) != 2 or p[0] not in ("raw", "zlib") or isinstance(p[1], bool)
+            or not isinstance(p[1], int) or p[1] < 0 for p in planes):
+        raise BrainsurgeonError(f"the packing entry lists {str(planes)[:80]}, not {itemsize} byte planes: the file is damaged")
+    if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != sum(p[1] for p in planes):
+        raise BrainsurgeonError(f"the packed {key} array is missing or not the {sum(p[1] for p in planes)} bytes its "
+                                "planes declare: the file is damaged")
+    data, out, offset = blob.numpy().tobytes(), np.empty((count, itemsize), np.uint8), 0
+    for i, (codec, length) in enumerate(planes):
+        chunk = data[offset: offset + length]
+        offset += length
+        if codec == "raw" and length != count:
+            raise BrainsurgeonError(f"a raw byte plane holds {length} bytes for {count} values: the file is damaged")
+        out[:, i] = np.frombuffer(chunk if codec == "raw" else _inflate(chunk, count), np.uint8)
+    parts = {k: v for k, v in e.parts.items() if k != f"{key}_packed"}
+    parts[key] = torch.from_numpy(out).view(e.dtype).reshape(-1)
+    if key == "data":
+        parts[key] = parts[key].reshape(e.shape) if count == math.prod(e.shape) else parts[key]
+    return Encoded(e.encoding, e.shape, e.dtype, parts, {k: v for k, v in e.info.items() if k != "packed"}, e.version)
+
+
 DECODERS = {"csr": decode_csr, "delta": decode_delta, "nm": decode_nm, "dense": lambda e: e.parts["data"]}
 PARTS = {"csr": ("values", "row_ptr", "col_idx"), "delta": ("values", "gaps"), "nm": ("values", "positions"),
          "dense": ("data",)}
@@ -352,6 +450,7 @@ PARTS = {"csr": ("values", "row_ptr", "col_idx"), "delta": ("values", "gaps"), "
 def decode(e: Encoded) -> torch.Tensor:
     if e.encoding not in DECODERS:
         raise BrainsurgeonError(f"unknown tensor encoding {e.encoding!r}; this file needs a newer brainsurgeon")
+    e = unpack_floats(e)
     missing = [p for p in PARTS[e.encoding] if p not in e.parts]
     if missing:
         raise BrainsurgeonError(f"a {e.encoding} tensor is missing its parts {missing}: the file is damaged")

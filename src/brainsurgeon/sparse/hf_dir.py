@@ -5,7 +5,7 @@ Layout of a sparse directory (format ``brainsurgeon-sparse-hf``, version 1)::
     config.json                         the model's config, as ``save_pretrained`` writes it
     generation_config.json              when the model has one
     tokenizer files                     copied from the model's source directory, or ``tokenizer=``
-    model-00001-of-0000N.sparse.safetensors   brainsurgeon sparse files (:mod:`.storage`, version 2):
+    model-00001-of-0000N.sparse.safetensors   brainsurgeon sparse files (:mod:`.storage`, version 3):
                                         each weight in its smallest encoding, checksummed over header and data
     brainsurgeon-sparse.json            the index: format, version, shard -> SHA-256, tensor -> shard,
                                         tied tensors (stored once), SHA-256 of config.json, and a
@@ -146,7 +146,7 @@ def save_dir(model: nn.Module, path: str | Path, format: str = "sparse", *, toke
         shards = _split(state, shard_bytes)
         index = {"format": DIR_FORMAT, "format_version": DIR_VERSION, "shards": {}, "weight_map": {},
                  "aliases": aliases, "config_sha256": _sha256_file(tmp / "config.json")}
-        encodings, file_bytes = {}, 0
+        encodings, packed, file_bytes = {}, [], 0
         for i, names in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.sparse.safetensors"
             arrays, table, enc = storage.encode_state({n: state[n] for n in names}, "sparse")
@@ -154,6 +154,7 @@ def save_dir(model: nn.Module, path: str | Path, format: str = "sparse", *, toke
             index["shards"][fname] = _sha256_file(tmp / fname)
             index["weight_map"].update({n: fname for n in names})
             encodings.update(enc)
+            packed += storage.packed_names(table)
             file_bytes += (tmp / fname).stat().st_size
         index["tokenizer_files"] = _copy_tokenizer(model, tokenizer, tmp)
         # heads and FFN neurons removed per layer (structure="channel"): the config keeps the dense
@@ -162,7 +163,7 @@ def save_dir(model: nn.Module, path: str | Path, format: str = "sparse", *, toke
         index["checksum"] = _index_checksum(index)
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
         total = sum(p.stat().st_size for p in tmp.iterdir())
-    report = storage.size_report(state, file_bytes, encodings, "sparse")
+    report = storage.size_report(state, file_bytes, encodings, "sparse", packed)
     report.update(directory=str(path), directory_bytes=total, shards=len(shards), tied=aliases)
     return report
 

@@ -79,6 +79,10 @@ class Engine:
     def apply(self, state: Any, xt: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # abstract: every engine implements it
 
+    def vector_fn(self, state: Any):
+        """A fast path for one input row: ``x`` (in,) contiguous float32 -> ``W @ x`` (out,); None if none."""
+        return None
+
 
 class DenseEngine(Engine):
     """The dense product (the baseline every sparse engine must beat)."""
@@ -303,6 +307,88 @@ class NumbaNMEngine(NumbaCSREngine):
         return torch.from_numpy(yt)
 
 
+# ----------------------------------------------------------------------------- our C bitmask kernel
+@dataclass
+class Bitmask:
+    """A weight in the bitmask layout of ``csrc/bitmask.c`` (arrays kept alive; their addresses cached)."""
+
+    rowptr: np.ndarray  # int64 (rows + 1)
+    masks: np.ndarray  # uint16 (rows, nchunks)
+    values: np.ndarray  # float32 (nnz,)
+    rows: int
+    nchunks: int
+
+    def __post_init__(self):
+        # the arrays live as long as this object: their addresses are read once, not per product
+        self.pointers = (self.rowptr.ctypes.data, self.masks.ctypes.data, self.values.ctypes.data)
+
+
+def bitmask_from_csr(csr: CSR) -> Bitmask:
+    """16-column chunks, one uint16 of presence bits each; values in row-major, column-ascending order."""
+    rows, cols = csr.shape
+    nchunks = max(1, -(-cols // 16))
+    counts = csr.indptr[1:] - csr.indptr[:-1]
+    row_of = torch.repeat_interleave(torch.arange(rows), counts)
+    col = csr.indices.long()
+    order = torch.argsort(row_of * cols + col, stable=True)  # CSR need not list a row's columns in order
+    row_of, col, values = row_of[order], col[order], csr.values[order]
+    bits = torch.zeros(rows * nchunks, dtype=torch.int32)
+    bits.index_add_(0, row_of * nchunks + col // 16, torch.ones_like(col, dtype=torch.int32) << (col % 16).int())
+    return Bitmask(csr.indptr.numpy().astype(np.int64), np.ascontiguousarray(bits.numpy().astype(np.uint16)
+                   .reshape(rows, nchunks)), np.ascontiguousarray(values.numpy(), dtype=np.float32), rows, nchunks)
+
+
+class BitmaskEngine(Engine):
+    """Bitmask layout + AVX-512 expand-load (C, :mod:`.native`): no per-value index, no gather.
+
+    Decode (one input row) is a matrix-vector product bound by bytes: 4 per kept weight plus 2 bits
+    per position. Prefill walks the non-zeros and updates 128 tokens per register tile. ``threads=None``
+    uses torch's thread count (OpenMP, torch's runtime); ``threads=1`` is the serial twin, timed separately.
+    """
+
+    def __init__(self, name: str, threads: int | None):
+        self.name, self.threads = name, threads
+
+    def available(self):
+        from . import native
+
+        return None if native.load() is not None else native.error()
+
+    def prepare(self, csr: CSR) -> Bitmask:
+        return bitmask_from_csr(csr)
+
+    def apply(self, state: Bitmask, xt):
+        from . import native
+
+        lib, threads = native.load(), self.threads or torch.get_num_threads()
+        n = xt.shape[1]
+        rowptr, masks, values = state.pointers
+        if n == 1:
+            x = xt.reshape(-1).contiguous()
+            y = torch.empty(state.rows, 1)
+            lib.bm_spmv(rowptr, masks, values, x.data_ptr(), y.data_ptr(), state.rows, state.nchunks, threads)
+            return y
+        xt = xt.contiguous()
+        yt = torch.empty(state.rows, n)
+        lib.bm_spmm(rowptr, masks, values, xt.data_ptr(), yt.data_ptr(), state.rows, state.nchunks, n, threads)
+        return yt
+
+    def vector_fn(self, state: Bitmask):
+        # A decoded token calls every layer once: at ~20 us of Python per call through apply(), the
+        # overhead alone was a third of a 70%-sparse SmolLM2 token. This closure is the whole path.
+        from . import native
+
+        spmv, (rowptr, masks, values) = native.load().bm_spmv, state.pointers
+        rows, nchunks, fixed = state.rows, state.nchunks, self.threads
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            y = torch.empty(rows)
+            spmv(rowptr, masks, values, x.data_ptr(), y.data_ptr(), rows, nchunks, fixed or torch.get_num_threads())
+            return y
+
+        return product
+
+
 class CudaSemiStructuredEngine(Engine):
     """2:4 on an NVIDIA GPU: ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores, Ampere+).
 
@@ -340,9 +426,15 @@ class CudaSemiStructuredEngine(Engine):
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     DenseEngine(), TorchCSREngine(), TorchBSREngine(), MKLEngine(),
+    BitmaskEngine("bitmask", None), BitmaskEngine("bitmask_serial", 1),
     NumbaCSREngine("numba_csr", None), NumbaCSREngine("numba_csr_serial", 1),
     NumbaNMEngine("numba_nm", None), NumbaNMEngine("numba_nm_serial", 1), CudaSemiStructuredEngine())}
-SPARSE_ENGINES = ("numba_csr", "numba_csr_serial", "numba_nm", "numba_nm_serial", "mkl", "torch_csr", "torch_bsr",
+# The engines to_sparse times by default. numba's parallel engines (numba_csr, numba_nm) are left out:
+# numba's OpenMP pool (omppool) links the system's libgomp by file name, so it is a second runtime
+# beside torch's, and each pool's threads spin after their work while the other's run. Measured at 2
+# threads: 60 dense 1536x576 products interleaved with 60 numba products took 95-100 ms, with 60
+# bitmask products (torch's runtime) 44 ms. They stay usable by name (engines=, engine=).
+SPARSE_ENGINES = ("bitmask", "bitmask_serial", "numba_csr_serial", "numba_nm_serial", "mkl", "torch_csr", "torch_bsr",
                   "cuda_2to4")
 
 

@@ -43,13 +43,15 @@ class SparseModule(nn.Module):
         self._states = {e: get_engine(e).prepare(self.csr) for e in {self.engine, self.decode_engine} if e != "dense"}
         uses_dense = "dense" in (self.engine, self.decode_engine)
         self._dense_weight = self.csr.to_dense().reshape(self.weight_shape) if uses_dense else None
+        self._vector = None if self.decode_engine == "dense" else \
+            get_engine(self.decode_engine).vector_fn(self._states[self.decode_engine])
 
     def __deepcopy__(self, memo):
         # torch's sparse tensors and scipy/numba states do not all deep-copy: rebuild the states instead
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key not in ("_states", "_dense_weight"):
+            if key not in ("_states", "_dense_weight", "_vector"):
                 new.__dict__[key] = copy.deepcopy(value, memo)
         new._prepare()
         return new
@@ -132,6 +134,12 @@ class SparseLinear(SparseModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self._vector is not None and x.numel() == self.in_features and x.dtype == torch.float32 \
+                and not x.requires_grad:  # one row (a decoded token): the engine's direct path
+            y = self._vector(x if x.is_contiguous() else x.contiguous())
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*lead, self.out_features)
         if self.engine_for(x.numel() // max(self.in_features, 1)) == "dense":
             return F.linear(x, self._dense_weight, self.bias)
         xt = x.reshape(-1, self.in_features).t()

@@ -1,9 +1,9 @@
 """``bs.save`` / ``bs.load``: pruned models in one safetensors file, sparse or dense.
 
-File layout (format version 2). Metadata, all strings:
+File layout (format version 3). Metadata, all strings:
 
 * ``brainsurgeon.format``: ``brainsurgeon-sparse`` or ``brainsurgeon-dense``;
-* ``brainsurgeon.format_version``: ``"2"``; a reader refuses a newer version and still reads 1;
+* ``brainsurgeon.format_version``: ``"3"``; a reader refuses a newer version and still reads 1 and 2;
 * ``brainsurgeon.spec``: the architecture spec (JSON), when known (the key ``io.load_model`` reads);
 * ``brainsurgeon.tensors``: per sparse-encoded entry its encoding, shape, dtype and decoding facts
   (JSON); an array without ``::`` in its name and not in the table is a dense entry, stored as is;
@@ -11,8 +11,9 @@ File layout (format version 2). Metadata, all strings:
   dtype, shape, bytes), so a damaged or edited file is refused instead of loading wrong weights.
   (Version 1 listed dense entries in the table too, and its checksum covered the arrays only.)
 
-Sparse files store each entry ``NAME`` as arrays ``NAME::PART`` (see :mod:`.formats`); dense files
-store the plain state dict, so ``io.load_model`` and any safetensors reader can read them too.
+Sparse files store each entry ``NAME`` as arrays ``NAME::PART`` (see :mod:`.formats`); since version
+3 a float array may be stored as deflated byte planes (``NAME::values_packed`` / ``NAME::data_packed``,
+with a table entry saying how: :func:`.formats.pack_floats`). Dense files store the plain state dict, so ``io.load_model`` and any safetensors reader can read them too.
 Every header field is validated, and declared shapes are checked against the stored arrays' sizes
 before a tensor of that shape is allocated. Nothing is ever unpickled.
 
@@ -36,7 +37,7 @@ FORMAT_KEY = "brainsurgeon.format"
 VERSION_KEY = "brainsurgeon.format_version"
 TENSORS_KEY = "brainsurgeon.tensors"
 CHECKSUM_KEY = "brainsurgeon.checksum"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FORMATS = {"sparse": "brainsurgeon-sparse", "dense": "brainsurgeon-dense"}
 PART_SEP = "::"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -119,7 +120,7 @@ def save(model: nn.Module, path: str | Path, format: str = "sparse", *, spec: di
     extra = {TIED_KEY: json.dumps(tied)} if tied else None
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=file_metadata(arrays, table, format, model_spec(model, spec), extra))
-    return size_report(state, Path(path).stat().st_size, encodings, format)
+    return size_report(state, Path(path).stat().st_size, encodings, format, packed_names(table))
 
 
 def encode_state(state: dict[str, torch.Tensor], format: str) -> tuple[dict, dict, dict]:
@@ -128,9 +129,9 @@ def encode_state(state: dict[str, torch.Tensor], format: str) -> tuple[dict, dic
     for name, t in state.items():
         if PART_SEP in name:
             raise BrainsurgeonError(f"state-dict entry {name!r} contains {PART_SEP!r}, which the sparse format reserves")
-        enc = formats.encode_best(t, name) if format == "sparse" else formats.encode_dense(t)
+        enc = formats.pack_floats(formats.encode_best(t, name)) if format == "sparse" else formats.encode_dense(t)
         encodings[name] = enc.encoding
-        if enc.encoding == "dense":
+        if enc.encoding == "dense" and "packed" not in enc.info:
             _dtype_name(t.dtype)
             arrays[name] = enc.parts["data"]
         else:
@@ -149,7 +150,13 @@ def file_metadata(arrays: dict, table: dict, format: str, spec: dict | None, ext
     return meta
 
 
-def size_report(state: dict[str, torch.Tensor], file_bytes: int, encodings: dict[str, str], format: str) -> dict:
+def packed_names(table: dict) -> list[str]:
+    """The entries whose float array is stored as deflated byte planes."""
+    return [name for name, entry in table.items() if "packed" in entry]
+
+
+def size_report(state: dict[str, torch.Tensor], file_bytes: int, encodings: dict[str, str], format: str,
+                packed: list[str] = ()) -> dict:
     nonzeros = sum(int((t != 0).sum()) for t in state.values())
     dense_f32 = sum(t.numel() * 4 for t in state.values())
     return {
@@ -160,6 +167,7 @@ def size_report(state: dict[str, torch.Tensor], file_bytes: int, encodings: dict
         "nonzeros": nonzeros,
         "bytes_per_nonzero": file_bytes / max(nonzeros, 1),
         "encodings": dict(encodings),
+        "packed": list(packed),  # float arrays stored as deflated byte planes (lossless)
     }
 
 
@@ -218,8 +226,8 @@ def _decode_state(path: Path, arrays: dict[str, torch.Tensor], table: dict, vers
             raise BrainsurgeonError(f"{path}: tensor {name!r}: {e}") from e
         if encoding != "dense" and not shape:
             raise BrainsurgeonError(f"{path}: tensor {name!r} is {encoding}-encoded but has no dimensions: the file is damaged")
-        if encoding == "dense":
-            parts = {"data": arrays.get(name)} if name in arrays else {}
+        if encoding == "dense" and name in arrays:
+            parts = {"data": arrays[name]}
         else:
             prefix = f"{name}{PART_SEP}"
             parts = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}

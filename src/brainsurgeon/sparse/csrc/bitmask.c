@@ -1,0 +1,114 @@
+/* Bitmask-compressed sparse matrix products for brainsurgeon (see ../native.py for the format).
+ *
+ * A pruned weight W (rows x cols) is stored as
+ *   masks  uint16 [rows][nchunks]   bit b of masks[i][c] set <=> W[i][16c + b] != 0 (nchunks = ceil(cols/16))
+ *   vals   float  [nnz]             the non-zeros, row by row, columns ascending (CSR's order)
+ *   rowptr int64  [rows + 1]        where row i's values start in vals
+ * 4 bytes per kept weight plus 2 bits per position: 5.7 bytes per non-zero at 70% sparsity, 4.4 at 50%,
+ * against CSR's 6 (uint16 columns) or 8 (int32), and no per-value index to gather by.
+ *
+ * Matrix-vector (decode): per 16 columns, AVX-512's expand-load places the chunk's packed values at
+ * their mask positions, one FMA with x's 16 entries adds them. No gather: the cost is the bytes
+ * read, which is what bounds a batch-1 product whose weights come from memory.
+ * Matrix-matrix (prefill): per non-zero, one broadcast and FMAs along a row of X^T (contiguous over
+ * the tokens), in tiles of 128 tokens held in registers: the work is the non-zeros', not the dense one.
+ * Without AVX-512 the same loops run on scalars (compiler-vectorised where it can).
+ * Threads: OpenMP over rows, in torch's OpenMP runtime (native.py links against the one torch loaded). */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+int bm_isa(void) {
+#if defined(__AVX512F__)
+    return 512;
+#else
+    return 0;
+#endif
+}
+
+static float row_dot(const uint16_t *m, const float *p, const float *x, int64_t nchunks) {
+#if defined(__AVX512F__)
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 2 <= nchunks; c += 2) {  /* two accumulators: the FMA latency is not on the critical path */
+        __mmask16 k0 = m[c], k1 = m[c + 1];
+        __m512 v0 = _mm512_maskz_expandloadu_ps(k0, p);
+        p += __builtin_popcount(k0);
+        __m512 v1 = _mm512_maskz_expandloadu_ps(k1, p);
+        p += __builtin_popcount(k1);
+        /* masked loads of x: never past its end when cols is not a multiple of 16 */
+        a0 = _mm512_fmadd_ps(v0, _mm512_maskz_loadu_ps(k0, x + 16 * c), a0);
+        a1 = _mm512_fmadd_ps(v1, _mm512_maskz_loadu_ps(k1, x + 16 * c + 16), a1);
+    }
+    if (c < nchunks) {
+        __mmask16 k0 = m[c];
+        a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, p), _mm512_maskz_loadu_ps(k0, x + 16 * c), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#else
+    float acc = 0.0f;
+    for (int64_t c = 0; c < nchunks; c++) {
+        for (unsigned k = m[c]; k; k &= k - 1)
+            acc += *p++ * x[16 * c + __builtin_ctz(k)];
+    }
+    return acc;
+#endif
+}
+
+void bm_spmv(const int64_t *rowptr, const uint16_t *masks, const float *vals, const float *x, float *y,
+             int64_t rows, int64_t nchunks, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
+    for (int64_t i = 0; i < rows; i++)
+        y[i] = row_dot(masks + i * nchunks, vals + rowptr[i], x, nchunks);
+}
+
+#define TILE 128 /* tokens per register tile: 8 AVX-512 accumulators */
+
+static void row_times_xt(const uint16_t *m, const float *vals, const float *xt, float *yrow, int64_t nchunks,
+                         int64_t n) {
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        int64_t width = n - t0 < TILE ? n - t0 : TILE;
+        const float *p = vals;
+#if defined(__AVX512F__)
+        __mmask16 lane[TILE / 16];
+        __m512 acc[TILE / 16];
+        for (int j = 0; j < TILE / 16; j++) {
+            int64_t left = width - 16 * j;
+            lane[j] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+            acc[j] = _mm512_setzero_ps();
+        }
+        for (int64_t c = 0; c < nchunks; c++) {
+            for (unsigned k = m[c]; k; k &= k - 1) {
+                const float *xr = xt + (16 * c + __builtin_ctz(k)) * n + t0;
+                __m512 v = _mm512_set1_ps(*p++);
+                for (int j = 0; j < TILE / 16; j++)
+                    acc[j] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(lane[j], xr + 16 * j), acc[j]);
+            }
+        }
+        for (int j = 0; j < TILE / 16; j++)
+            _mm512_mask_storeu_ps(yrow + t0 + 16 * j, lane[j], acc[j]);
+#else
+        float acc[TILE];
+        memset(acc, 0, sizeof acc);
+        for (int64_t c = 0; c < nchunks; c++) {
+            for (unsigned k = m[c]; k; k &= k - 1) {
+                const float *xr = xt + (16 * c + __builtin_ctz(k)) * n + t0;
+                float v = *p++;
+                for (int64_t j = 0; j < width; j++)
+                    acc[j] += v * xr[j];
+            }
+        }
+        memcpy(yrow + t0, acc, width * sizeof(float));
+#endif
+    }
+}
+
+/* yt (rows x n) = W @ xt, xt (cols x n) row-major */
+void bm_spmm(const int64_t *rowptr, const uint16_t *masks, const float *vals, const float *xt, float *yt,
+             int64_t rows, int64_t nchunks, int64_t n, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(nthreads > 1)
+    for (int64_t i = 0; i < rows; i++)
+        row_times_xt(masks + i * nchunks, vals + rowptr[i], xt, yt + i * n, nchunks, n);
+}
