@@ -54,18 +54,22 @@ def _cpu_flags() -> str:
 
 def openmp_runtime() -> str | None:
     """The OpenMP library torch loaded (libgomp / libiomp5 / libomp), as a path; None if none."""
-    import torch  # noqa: F401  (its OpenMP runtime is the one to share)
+    import torch  # its OpenMP runtime is the one to share
 
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return None
+    found = []
     for line in maps:
         path = line.split()[-1] if len(line.split()) >= 6 else ""
         name = os.path.basename(path)
-        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
-            return path
-    return None
+        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name and path not in found:
+            found.append(path)
+    # other wheels bring their own copies (scikit-learn's libgomp-<hash>): torch's is the one to share
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
+    ours = [p for p in found if os.path.realpath(p).startswith(torch_dir + os.sep)]
+    return (ours or found or [None])[0]
 
 
 def _compiler() -> str | None:

@@ -28,6 +28,12 @@ int bm_isa(void) {
 #endif
 }
 
+/* Software prefetch distances (decode): the values 4 KiB ahead, the masks 512 B ahead. A decoded token
+ * reads every weight once from memory; with these the 210 SmolLM2 layers at 70% took 13-16 ms instead of
+ * 20-23 ms at 1 thread (measured, interleaved; 2 KiB and 8 KiB ahead were within 5% of 4 KiB). */
+#define PREFETCH_VALUES 1024
+#define PREFETCH_MASKS 256
+
 static float row_dot(const uint16_t *m, const float *p, const float *x, int64_t nchunks) {
 #if defined(__AVX512F__)
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -41,6 +47,8 @@ static float row_dot(const uint16_t *m, const float *p, const float *x, int64_t 
         /* masked loads of x: never past its end when cols is not a multiple of 16 */
         a0 = _mm512_fmadd_ps(v0, _mm512_maskz_loadu_ps(k0, x + 16 * c), a0);
         a1 = _mm512_fmadd_ps(v1, _mm512_maskz_loadu_ps(k1, x + 16 * c + 16), a1);
+        _mm_prefetch((const char *)(p + PREFETCH_VALUES), _MM_HINT_T0);  /* never faults, even past the end */
+        _mm_prefetch((const char *)(m + c + PREFETCH_MASKS), _MM_HINT_T0);
     }
     if (c < nchunks) {
         __mmask16 k0 = m[c];
