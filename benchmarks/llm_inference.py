@@ -56,7 +56,7 @@ def tokens(tok, n_seq: int, seq_len: int, offset_chars: int = 0) -> torch.Tensor
     return ids[: n_seq * seq_len].reshape(n_seq, seq_len)
 
 
-def pruned_model(dense: nn.Module, variant: str, method: str, calib: torch.Tensor, log) -> tuple[nn.Module, dict]:
+def pruned_model(dense: nn.Module, variant: str, method: str, calib: torch.Tensor) -> tuple[nn.Module, dict]:
     """The model pruned at ``variant`` ("0.5", "0.7", "2:4"), from the cache or pruned now."""
     path = OUT / f"{method}-{variant.replace(':', 'of')}-n{calib.shape[0]}x{calib.shape[1]}"
     if path.exists():
@@ -64,13 +64,8 @@ def pruned_model(dense: nn.Module, variant: str, method: str, calib: torch.Tenso
         return bs.load(path), {**info, "cached": True}
     kwargs = {"structure": variant} if ":" in variant else {"sparsity": float(variant)}
     t0 = time.perf_counter()
-    try:
-        res = bs.prune(dense, calib, method, num_samples=calib.shape[0], batch_size=4, seed=0, **kwargs)
-        info = {"method": method}
-    except Exception as e:  # the brief's fallback: say so in the benchmark section
-        log(f"{method} failed on the HF model ({type(e).__name__}: {e}); falling back to magnitude")
-        res = bs.prune(dense, calib, "magnitude", seed=0, **kwargs)
-        info = {"method": "magnitude", "fallback_reason": f"{method}: {type(e).__name__}: {str(e)[:200]}"}
+    res = bs.prune(dense, calib, method, num_samples=calib.shape[0], batch_size=4, seed=0, **kwargs)
+    info = {"method": method}
     info.update(seconds=round(time.perf_counter() - t0, 1),
                 achieved_sparsity=res.report["overall"]["achieved_sparsity"])
     bs.save(res.model, path)
@@ -348,9 +343,6 @@ def section(rows: list[dict], args, ds_line: str) -> str:
              f"during the run: {_load_range(rows)}. Max logit diff: over every decode step's logits (the one-row "
              "products, where the decode engines run) and one full forward of the prompt and the decoded tokens (the prefill engines), "
              f"against dense torch on the same weights. Bitmask kernels: {_kernel_line()}."]
-    for r in rows:
-        if r.get("fallback_reason"):
-            lines.append(f"\n**{r['variant']}: pruned by magnitude, not sparsegpt** ({r['fallback_reason']}).")
     table = []
     for r in rows:
         for t, res in r["threads"].items():
@@ -451,7 +443,7 @@ def main() -> None:
                 if r["variant"] not in args.variants.split(",")]
     for variant in args.variants.split(","):
         torch.set_num_threads(1)
-        model, info = pruned_model(dense, variant, args.method, calib, log)
+        model, info = pruned_model(dense, variant, args.method, calib)
         log(f"{variant}: {info}")
         rows.append(run_variant(variant, model, info, prompt, prefill_ids, args, log))
         rows[-1]["load"] = os.getloadavg()[0]
