@@ -250,6 +250,20 @@ def test_forced_sparse_engines_decode_with_the_kv_cache(pruned):
             assert (fast(ref_tokens).logits - ref_logits).abs().max() <= 1e-4
 
 
+def test_bitmask_kernels_decode_the_same_tokens_and_logits(pruned):
+    """Batch 1: every decode step goes through the bitmask vector kernel; its logits, not only the prompt's."""
+    ids = torch.randint(0, VOCAB, (1, 9))
+    kw = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = pruned.generate(ids, **kw)
+        for engine in ("bitmask", "bitmask_serial"):
+            fast = bs.to_sparse(pruned, engine=engine)
+            assert isinstance(fast.model.layers[0].self_attn.q_proj, SparseLinear)
+            out = fast.generate(ids, **kw)
+            assert torch.equal(out.sequences, ref.sequences)
+            assert max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits)) <= 1e-4
+
+
 def test_phase_dispatch_uses_the_decode_engine_for_few_rows():
     torch.manual_seed(0)
     layer = prune_hf(nn.Sequential(nn.Linear(64, 32)), 0.0)[0]
