@@ -401,7 +401,7 @@ def main() -> None:
     ap.add_argument("--variants", default="0.5,0.7,2:4")
     ap.add_argument("--method", default="sparsegpt")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--calib-samples", type=int, default=8)
