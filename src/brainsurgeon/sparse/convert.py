@@ -222,8 +222,9 @@ def to_sparse(
     """A copy of ``model`` with pruned Linear/Conv2d layers replaced by sparse modules (inference only).
 
     Per layer the dense layer and each engine (``engines``, default all usable of
-    :data:`.kernels.SPARSE_ENGINES`: bitmask, numba CSR / N:M, mkl, torch CSR / BSR) are timed on the layer's input for ``example_input`` (default: a random
-    batch of ``batch_size`` in the model's spec input shape); the fastest is kept. ``engine=`` forces
+    :data:`.kernels.SPARSE_ENGINES`: bitmask, numba CSR / N:M, mkl, torch CSR / BSR) are timed on
+    the layer's input for ``example_input`` (default: a random batch of ``batch_size`` in the
+    model's spec input shape); the fastest is kept. ``engine=`` forces
     one engine on every supported layer without timing. The input model is not modified.
     The copy's ``sparse_report`` says, per layer, the engine chosen, why, and the times measured.
 

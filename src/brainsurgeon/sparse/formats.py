@@ -428,7 +428,7 @@ def unpack_floats(e: Encoded) -> Encoded:
     if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() != sum(p[1] for p in planes):
         raise BrainsurgeonError(f"the packed {key} array is missing or not the {sum(p[1] for p in planes)} bytes its "
                                 "planes declare: the file is damaged")
-    data, out, offset = blob.numpy().tobytes(), np.empty((count, itemsize), np.uint8), 0
+    data, out, offset = memoryview(blob.numpy()), np.empty((count, itemsize), np.uint8), 0  # slices: no copies
     for i, (codec, length) in enumerate(planes):
         chunk = data[offset: offset + length]
         offset += length
@@ -436,9 +436,9 @@ def unpack_floats(e: Encoded) -> Encoded:
             raise BrainsurgeonError(f"a raw byte plane holds {length} bytes for {count} values: the file is damaged")
         out[:, i] = np.frombuffer(chunk if codec == "raw" else _inflate(chunk, count), np.uint8)
     parts = {k: v for k, v in e.parts.items() if k != f"{key}_packed"}
-    parts[key] = torch.from_numpy(out).view(e.dtype).reshape(-1)
-    if key == "data":
-        parts[key] = parts[key].reshape(e.shape) if count == math.prod(e.shape) else parts[key]
+    flat = torch.from_numpy(out).view(e.dtype).reshape(-1)
+    # a dense tensor takes its shape back; a count that does not fit it is refused by decode()'s shape check
+    parts[key] = flat.reshape(e.shape) if key == "data" and count == math.prod(e.shape) else flat
     return Encoded(e.encoding, e.shape, e.dtype, parts, {k: v for k, v in e.info.items() if k != "packed"}, e.version)
 
 

@@ -360,17 +360,12 @@ class BitmaskEngine(Engine):
     def apply(self, state: Bitmask, xt):
         from . import native
 
-        lib, threads = native.load(), self.threads or torch.get_num_threads()
         n = xt.shape[1]
-        rowptr, masks, values = state.pointers
         if n == 1:
-            x = xt.reshape(-1).contiguous()
-            y = torch.empty(state.rows, 1)
-            lib.bm_spmv(rowptr, masks, values, x.data_ptr(), y.data_ptr(), state.rows, state.nchunks, threads)
-            return y
-        xt = xt.contiguous()
-        yt = torch.empty(state.rows, n)
-        lib.bm_spmm(rowptr, masks, values, xt.data_ptr(), yt.data_ptr(), state.rows, state.nchunks, n, threads)
+            return self.vector_fn(state)(xt.reshape(-1).contiguous()).reshape(-1, 1)
+        xt, yt = xt.contiguous(), torch.empty(state.rows, n)
+        native.load().bm_spmm(*state.pointers, xt.data_ptr(), yt.data_ptr(), state.rows, state.nchunks, n,
+                              self.threads or torch.get_num_threads())
         return yt
 
     def vector_fn(self, state: Bitmask):

@@ -12,8 +12,9 @@ File layout (format version 3). Metadata, all strings:
   (Version 1 listed dense entries in the table too, and its checksum covered the arrays only.)
 
 Sparse files store each entry ``NAME`` as arrays ``NAME::PART`` (see :mod:`.formats`); since version
-3 a float array may be stored as deflated byte planes (``NAME::values_packed`` / ``NAME::data_packed``,
-with a table entry saying how: :func:`.formats.pack_floats`). Dense files store the plain state dict, so ``io.load_model`` and any safetensors reader can read them too.
+3 a float array may be stored as deflated byte planes (``NAME::values_packed`` /
+``NAME::data_packed``, with a table entry saying how: :func:`.formats.pack_floats`). Dense files store
+the plain state dict, so ``io.load_model`` and any safetensors reader can read them too.
 Every header field is validated, and declared shapes are checked against the stored arrays' sizes
 before a tensor of that shape is allocated. Nothing is ever unpickled.
 
