@@ -230,7 +230,9 @@ def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
         for entry in fast.sparse_report.values():
             e = entry["engine"]
             engines[f"{e['decode']}/{e['prefill']}" if isinstance(e, dict) else e] += 1
+        groups = {tuple(e["decode_group"]) for e in fast.sparse_report.values() if isinstance(e.get("decode_group"), list)}
         res = {"convert_s": round(convert_s, 1), "engines (decode/prefill): layers": dict(engines),
+               "decode_groups": len(groups), "decode_group_layers": sum(len(g) for g in groups),
                "decode_tokens_per_s": {k: round(statistics.median(v), 2) for k, v in tps.items()},
                "decode_rounds": {k: [round(x, 2) for x in v] for k, v in tps.items()},
                "prefill_ms": {k: round(statistics.median(v), 1) for k, v in pre.items()},
@@ -376,7 +378,10 @@ def section(rows: list[dict], args, ds_line: str) -> str:
     for r in rows:
         for t, res in r["threads"].items():
             lines.append(f"\nEngines chosen, {r['variant']} at {t} thread(s) (layers per decode/prefill engine): "
-                         + ", ".join(f"{k}: {v}" for k, v in res["engines (decode/prefill): layers"].items()))
+                         + ", ".join(f"{k}: {v}" for k, v in res["engines (decode/prefill): layers"].items())
+                         + (f"; {res['decode_group_layers']} of them in {res['decode_groups']} decode groups (siblings "
+                            "reading one input, q/k/v and gate/up: one stacked product per token)"
+                            if res.get("decode_groups") else ""))
     for r in rows:
         prof = (r["threads"].get(1) or r["threads"].get("1") or {}).get("profile_ms_per_token")  # "1" after JSON
         if prof:

@@ -15,7 +15,7 @@ from torch import nn
 
 import brainsurgeon as bs
 from brainsurgeon.sparse import SparseLinear, native
-from brainsurgeon.sparse.kernels import CSR, bitmask_from_csr, get_engine
+from brainsurgeon.sparse.kernels import CSR, bitmask_from_csr, get_engine, stack_bitmasks
 
 ENGINES = ("bitmask", "bitmask_serial")
 
@@ -58,7 +58,7 @@ def test_layout_sorts_a_csr_given_out_of_column_order():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("shape", [(1, 1), (7, 23), (64, 64), (96, 576), (33, 1536), (130, 17)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 23), (5, 40), (9, 80), (64, 64), (96, 576), (33, 1536), (130, 17)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 def test_products_match_float64(engine, shape, sparsity):
     w = weight(*shape, sparsity, seed=shape[0])
@@ -67,6 +67,29 @@ def test_products_match_float64(engine, shape, sparsity):
     for n in (1, 2, 127, 128, 129, 300):  # vector, register tile edges, several tiles
         xt = torch.randn(shape[1], n)
         assert close(e.apply(state, xt), reference(w, xt)), (shape, sparsity, n)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("cols", [23, 40, 576])
+def test_stacked_weights_and_row_slices_give_the_parts_products(engine, cols):
+    """A decode group's layout: parts stacked by rows, and each part read back as a slice, without a copy."""
+    e = get_engine(engine)
+    parts = [weight(rows, cols, s, seed=rows) for rows, s in ((12, 0.7), (5, 0.0), (9, 1.0), (20, 0.5))]
+    states = [e.prepare(CSR.from_dense(w)) for w in parts]
+    stacked = e.stack(states)
+    assert stacked.rows == 46 and int(stacked.rowptr[-1]) == sum(int(s.rowptr[-1]) for s in states)
+    xt = torch.randn(cols, 1)
+    assert close(e.apply(stacked, xt), reference(torch.cat(parts), xt))
+    start = 0
+    for w in parts:
+        view = e.row_slice(stacked, start, start + w.shape[0])
+        assert np.shares_memory(view.values, stacked.values) and np.shares_memory(view.masks, stacked.masks)
+        for n in (1, 130):
+            x = torch.randn(cols, n)
+            assert close(e.apply(view, x), reference(w, x))
+        start += w.shape[0]
+    with pytest.raises(ValueError, match="columns"):
+        stack_bitmasks([states[0], e.prepare(CSR.from_dense(weight(3, cols + 16, 0.5)))])
 
 
 @pytest.mark.parametrize("threads", [1, 2])

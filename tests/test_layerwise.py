@@ -455,6 +455,18 @@ def test_lowest_k_select_equals_the_stable_sort_choice():
         assert torch.equal(lowest_k_select(s, k), ~lowest_k_mask(s, k)), k
 
 
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (3, 8), (1, 2), (5, 16)])
+def test_nm_window_choice_equals_the_stable_sort_choice(n, m):
+    from brainsurgeon.allocation import nm_mask
+    from brainsurgeon.pruners.sparsegpt import nm_window_pruned
+
+    g = torch.Generator().manual_seed(m + n)
+    for s in (torch.randint(0, 3, (m, 300), generator=g).float(), torch.rand(m, 300, generator=g)):  # ties, none
+        chosen = nm_window_pruned(s, n)
+        assert torch.equal(chosen, ~nm_mask(s.T, n, m).T)
+        assert torch.equal(chosen.sum(0), torch.full((300,), m - n))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_reversed_cholesky_gives_the_upper_factor_of_the_inverse(dtype):
     from brainsurgeon.pruners.sparsegpt import reversed_cholesky

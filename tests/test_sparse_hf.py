@@ -408,3 +408,106 @@ def test_compacted_heads_and_ffn_round_trip_with_identical_outputs(tmp_path, fam
     key = "logits" if hasattr(a, "logits") else "last_hidden_state"
     assert torch.equal(getattr(a, key), getattr(b, key))
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in res.model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- decode groups
+def _count_group_products(fast: nn.Module) -> dict[int, int]:
+    """Wrap every decode group's stacked product with a call counter."""
+    counts: dict[int, int] = {}
+    for m in fast.modules():
+        if isinstance(m, SparseLinear) and m._group is not None and id(m._group) not in counts:
+            group, counts[id(m._group)] = m._group, 0
+
+            def counted(x, product=group._product, key=id(group)):
+                counts[key] += 1
+                return product(x)
+
+            group._product = counted
+    return counts
+
+
+def test_siblings_reading_one_input_share_one_decode_product(pruned):
+    """q/k/v and gate/up are found by the input they share; their rows are slices of one stacked weight."""
+    fast = bs.to_sparse(pruned, engine="bitmask")
+    rep, attn, mlp = fast.sparse_report, "model.layers.1.self_attn.", "model.layers.1.mlp."
+    assert rep[attn + "k_proj"]["decode_group"] == [attn + p for p in ("q_proj", "k_proj", "v_proj")]
+    assert rep[mlp + "up_proj"]["decode_group"] == [mlp + "gate_proj", mlp + "up_proj"]
+    assert "decode_group" not in rep[attn + "o_proj"] and "decode_group" not in rep[mlp + "down_proj"]
+    q, k, o = (getattr(fast.model.layers[1].self_attn, p) for p in ("q_proj", "k_proj", "o_proj"))
+    assert q._group is k._group and o._group is None
+    assert q._states["bitmask"].values is k._states["bitmask"].values  # one copy of the weights
+
+
+def test_decode_groups_run_once_per_token_with_the_dense_tokens_and_logits(pruned):
+    ids = torch.randint(0, VOCAB, (1, 9))  # 9 prompt rows: prefill engines; then 11 one-row steps
+    kw = dict(max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = pruned.generate(ids, **kw)
+        fast = bs.to_sparse(pruned, engine="bitmask")
+        counts = _count_group_products(fast)
+        out = fast.generate(ids, **kw)
+    assert len(counts) == 4 and set(counts.values()) == {11}  # 2 blocks x (qkv, gate/up), once per step
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits)) <= 1e-4
+
+
+def _pair(bias: bool = True):
+    from brainsurgeon.sparse.modules import DecodeGroup
+
+    torch.manual_seed(3)
+    dense = [nn.Linear(40, n, bias=bias) for n in (24, 8)]  # 40 columns: a partial last chunk
+    for d in dense:
+        with torch.no_grad():
+            d.weight[torch.rand_like(d.weight) < 0.6] = 0.0
+    sparse = [SparseLinear(d, "bitmask", decode_engine="bitmask") for d in dense]
+    group = DecodeGroup(sparse)
+    return dense, sparse, group
+
+
+def test_decode_group_memo_is_per_input_version_and_handed_out_once():
+    (da, db), (a, b), group = _pair()
+    counts = _count_group_products(a)
+    close = lambda y, ref: torch.allclose(y, ref, rtol=1e-5, atol=1e-5)  # noqa: E731
+    with torch.no_grad():
+        x = torch.randn(1, 40)
+        assert close(a(x), da(x)) and close(b(x), db(x))
+        assert list(counts.values()) == [1]  # b took its rows from a's call
+        y1 = a(x)
+        y1.add_(100.0)  # the caller owns its output: a second call is computed afresh
+        assert close(a(x), da(x)) and list(counts.values()) == [3]
+        ya = a(x)
+        x.mul_(2.0)  # in place, between the members' calls: b sees the new values
+        assert close(b(x), db(x)) and not close(ya, da(x))
+        x1, x2 = torch.randn(1, 40), torch.randn(1, 40)
+        assert close(a(x1), da(x1)) and close(b(x2), db(x2))
+    with torch.inference_mode():  # no version counter: each member computes its own rows
+        xi = torch.randn(1, 40)
+        before = list(counts.values())
+        assert close(a(xi), da(xi)) and close(b(xi), db(xi)) and list(counts.values()) == before
+
+
+def test_decode_group_survives_deepcopy_and_refuses_mismatched_members():
+    import copy
+
+    from brainsurgeon.sparse.modules import DecodeGroup
+
+    (da, db), (a, b), group = _pair(bias=False)
+    pair = copy.deepcopy(nn.ModuleList([a, b]))
+    del a, b, group  # the copy owns its stacked weights
+    assert pair[0]._group is pair[1]._group
+    with torch.no_grad():
+        x = torch.randn(1, 40)
+        assert torch.allclose(pair[0](x), da(x), atol=1e-5) and torch.allclose(pair[1](x), db(x), atol=1e-5)
+    wide = SparseLinear(nn.Linear(48, 8), "bitmask")
+    with pytest.raises(ValueError, match="same width"):
+        DecodeGroup([SparseLinear(da, "bitmask"), wide])
+    with pytest.raises(ValueError, match="stackable"):
+        DecodeGroup([SparseLinear(da, "numba_csr_serial"), SparseLinear(db, "numba_csr_serial")])
+
+
+def test_a_model_whose_dummy_inputs_fail_is_left_ungrouped_and_says_so(pruned, monkeypatch):
+    monkeypatch.setattr(LlamaForCausalLM, "dummy_inputs", property(lambda self: {"input_ids": torch.tensor([[VOCAB + 5]])}))
+    fast = bs.to_sparse(pruned, engine="bitmask")
+    entry = fast.sparse_report["model.layers.0.self_attn.q_proj"]
+    assert entry["decode_group"].startswith("not grouped: the model's dummy_inputs did not run")
+    assert fast.model.layers[0].self_attn.q_proj._group is None

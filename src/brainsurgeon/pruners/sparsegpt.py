@@ -103,12 +103,32 @@ def one_thread():
         torch.set_num_threads(old)
 
 
+def nm_window_pruned(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Pruned mask of one N:M window given as rows: ``s`` (m, R), column r one group of m scores.
+
+    The same choice as ``~allocation.nm_mask(s.T, n, m).T`` (the m - n lowest of each group, ties
+    to the earlier input) by ranks: score k's place in a stable ascending sort is
+    #{l : s_l < s_k} + #{l < k : s_l = s_k}, and it is pruned if that is below m - n. m x m
+    comparisons of whole rows instead of a transposed copy, a float64 cast, an argsort and a
+    scatter over R tiny groups: SparseGPT chooses a mask every m columns, and at 2:4 the choice
+    was half of a layer's solve (measured at 1536 x 576, 1 thread: 73 ms against 34 ms for 50%
+    unstructured). Scores are finite (squares of finite weights, scaled).
+    """
+    m = s.shape[0]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=s.device).tril_(-1)  # [k, l]: l < k
+    a, b = s.unsqueeze(1), s.unsqueeze(0)  # [k, l, r]: a = s_k, b = s_l
+    before = (b < a) | ((b == a) & earlier.unsqueeze(-1))
+    return before.sum(1) < (m - n)
+
+
 def _choose(W1: torch.Tensor, dinv: torch.Tensor, i: int, j: int, col: int, count: int, cols: int,
             structure: Structure) -> torch.Tensor:
     """Pruned mask of block rows [i, j) (columns col.. of W) from their current values: the lowest
     OBS errors w^2 / U_ii^2, per row and group of M for N:M, else the block's share of ``count``."""
     s = (W1[i:j] * dinv[i:j, None]).square_()
     if structure.is_nm:
+        if s.shape[0] == structure.m <= 16:
+            return nm_window_pruned(s, structure.n)
         return ~nm_mask(s.T, structure.n, structure.m).T
     return lowest_k_select(s, block_share(count, col, col + (j - i), cols))
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import BrainsurgeonError
 from .kernels import SPARSE_ENGINES, CSR, get_engine
-from .modules import DECODE_ROWS, SparseConv2d, SparseLinear, conv1d_class, conv_unsupported, linear_view
+from .modules import DECODE_ROWS, DecodeGroup, SparseConv2d, SparseLinear, conv1d_class, conv_unsupported, linear_view
 
 # Below this sparsity no CPU sparse kernel beats dense BLAS (an index per value at least doubles the
 # bytes per weight read), so such layers stay dense without being timed.
@@ -278,8 +278,47 @@ def to_sparse(
                 work = new
             else:
                 _replace(work, name, new)
+    if is_hf_model(work):  # decode groups, whether the engines were timed or forced
+        _group_siblings(work, report)
     work.sparse_report = report
     return work
+
+
+def _group_siblings(model: nn.Module, report: dict) -> None:
+    """Stack the decode products of sibling SparseLinears that one forward shows reading the same input.
+
+    Which layers share an input is read off a forward pass of the model's ``dummy_inputs`` (a few
+    token ids) rather than known per architecture: q/k/v and gate/up in Llama-style blocks, q/k/v in
+    OPT and BERT, whatever a model does. Only layers whose decode engine can stack (the bitmask
+    engines) and that agree on it are grouped; the others keep their own products. Not timed against
+    separate calls: the group reads the same bytes in fewer, longer calls.
+    """
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear) and m._vector is not None
+              and get_engine(m.decode_engine).stackable}
+    if len(sparse) < 2 or not isinstance(getattr(model, "dummy_inputs", None), dict):
+        return
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, args[0]))
+             for name, m in sparse.items()]
+    try:
+        with torch.no_grad():
+            model(**model.dummy_inputs)
+    except Exception as e:  # noqa: BLE001 - a model that cannot run its own dummy inputs is left ungrouped
+        for n in sparse:
+            report[n]["decode_group"] = f"not grouped: the model's dummy_inputs did not run ({type(e).__name__}: {e})"
+        return
+    finally:
+        for h in hooks:
+            h.remove()
+    buckets: dict[tuple, list[str]] = {}
+    for name, x in seen.items():  # same parent, same input object, same engine: one group
+        key = (name.rpartition(".")[0], id(x), sparse[name].decode_engine)
+        buckets.setdefault(key, []).append(name)
+    for names in buckets.values():
+        if len(names) > 1:
+            DecodeGroup([sparse[n] for n in names])
+            for n in names:
+                report[n]["decode_group"] = names
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -83,6 +83,16 @@ class Engine:
         """A fast path for one input row: ``x`` (in,) contiguous float32 -> ``W @ x`` (out,); None if none."""
         return None
 
+    #: whether states of layers with the same input width can be stacked (:meth:`stack`) and sliced
+    #: back by rows (:meth:`row_slice`) without copies: what a decode group needs
+    stackable = False
+
+    def stack(self, states: list[Any]) -> Any:
+        raise NotImplementedError  # only engines with stackable = True implement it
+
+    def row_slice(self, state: Any, start: int, stop: int) -> Any:
+        raise NotImplementedError  # only engines with stackable = True implement it
+
 
 class DenseEngine(Engine):
     """The dense product (the baseline every sparse engine must beat)."""
@@ -322,6 +332,23 @@ class Bitmask:
         # the arrays live as long as this object: their addresses are read once, not per product
         self.pointers = (self.rowptr.ctypes.data, self.masks.ctypes.data, self.values.ctypes.data)
 
+    def rows_view(self, start: int, stop: int) -> "Bitmask":
+        """Rows ``start:stop`` without a copy: ``rowptr`` holds offsets into the whole ``values``."""
+        return Bitmask(self.rowptr[start: stop + 1], self.masks[start:stop], self.values, stop - start, self.nchunks)
+
+
+def stack_bitmasks(parts: list[Bitmask]) -> Bitmask:
+    """One matrix of the rows of ``parts`` in order (same ``nchunks``): their products in one call."""
+    if len({p.nchunks for p in parts}) != 1:
+        raise ValueError("stacked bitmask weights need the same number of columns")
+    rowptrs, base = [np.zeros(1, dtype=np.int64)], 0
+    for p in parts:  # each part's offsets, shifted past the values of the parts before it
+        rowptrs.append(p.rowptr[1:] - p.rowptr[0] + base)
+        base += int(p.rowptr[-1] - p.rowptr[0])
+    values = np.concatenate([p.values[p.rowptr[0]: p.rowptr[-1]] for p in parts])
+    return Bitmask(np.concatenate(rowptrs), np.ascontiguousarray(np.concatenate([p.masks for p in parts])),
+                   np.ascontiguousarray(values, dtype=np.float32), sum(p.rows for p in parts), parts[0].nchunks)
+
 
 def bitmask_from_csr(csr: CSR) -> Bitmask:
     """16-column chunks, one uint16 of presence bits each; values in row-major, column-ascending order."""
@@ -356,6 +383,14 @@ class BitmaskEngine(Engine):
 
     def prepare(self, csr: CSR) -> Bitmask:
         return bitmask_from_csr(csr)
+
+    stackable = True
+
+    def stack(self, states: list[Bitmask]) -> Bitmask:
+        return stack_bitmasks(states)
+
+    def row_slice(self, state: Bitmask, start: int, stop: int) -> Bitmask:
+        return state.rows_view(start, stop)
 
     def apply(self, state: Bitmask, xt):
         from . import native

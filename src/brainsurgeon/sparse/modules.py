@@ -45,15 +45,19 @@ class SparseModule(nn.Module):
         self._dense_weight = self.csr.to_dense().reshape(self.weight_shape) if uses_dense else None
         self._vector = None if self.decode_engine == "dense" else \
             get_engine(self.decode_engine).vector_fn(self._states[self.decode_engine])
+        self._group: DecodeGroup | None = None
 
     def __deepcopy__(self, memo):
         # torch's sparse tensors and scipy/numba states do not all deep-copy: rebuild the states instead
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key not in ("_states", "_dense_weight", "_vector"):
+            if key not in ("_states", "_dense_weight", "_vector", "_group"):
                 new.__dict__[key] = copy.deepcopy(value, memo)
         new._prepare()
+        new._group = None
+        if self.__dict__.get("_group") is not None:  # the copied group re-links its copied members
+            new._group = copy.deepcopy(self._group, memo)
         return new
 
     def engine_for(self, rows: int) -> str:
@@ -136,7 +140,8 @@ class SparseLinear(SparseModule):
         lead = x.shape[:-1]
         if self._vector is not None and x.numel() == self.in_features and x.dtype == torch.float32 \
                 and not x.requires_grad:  # one row (a decoded token): the engine's direct path
-            y = self._vector(x if x.is_contiguous() else x.contiguous())
+            y = self._group.output(self, x) if self._group is not None else \
+                self._vector(x if x.is_contiguous() else x.contiguous())
             if self.bias is not None:
                 y += self.bias
             return y.view(*lead, self.out_features)
@@ -147,6 +152,74 @@ class SparseLinear(SparseModule):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+
+class DecodeGroup:
+    """Sibling ``SparseLinear`` s that read the same input (q/k/v, gate/up): one product per decoded token.
+
+    A decoded token calls q_proj, k_proj and v_proj on the same hidden state, one after another. The
+    group stacks their weights into one matrix (their states become row slices of it: no second
+    copy); the first member called on a one-row input computes every member's output in one kernel
+    call, and the others are handed their rows. One call instead of three, and one long stream of
+    weights from memory instead of three short ones that each start cold.
+
+    Outputs are memoised on the input *object* and its version counter (an in-place change of the
+    input is a new version), per thread, and each member's rows are handed out once: a second call
+    of the same member, another input, or an inference-mode tensor (which has no version counter)
+    computes that member's rows alone, with the same kernel on its slice of the stacked weights.
+    """
+
+    def __init__(self, members: list[SparseLinear]):
+        engines = {m.decode_engine for m in members}
+        if len(members) < 2 or len(engines) != 1 or not get_engine(next(iter(engines))).stackable:
+            raise ValueError("a decode group needs two or more SparseLinears with one stackable decode engine")
+        if len({m.in_features for m in members}) != 1:
+            raise ValueError("a decode group's members must read inputs of the same width")
+        self.members = list(members)
+        self._link()
+
+    def _link(self) -> None:
+        import threading
+
+        engine = get_engine(self.members[0].decode_engine)
+        stacked = engine.stack([m._states[m.decode_engine] for m in self.members])
+        self.slices, start = [], 0
+        for m in self.members:
+            stop = start + m.out_features
+            m._states[m.decode_engine] = engine.row_slice(stacked, start, stop)  # the old state is freed
+            m._vector = engine.vector_fn(m._states[m.decode_engine])
+            m._group = self
+            self.slices.append(slice(start, stop))
+            start = stop
+        self._index = {id(m): i for i, m in enumerate(self.members)}
+        self._product = engine.vector_fn(stacked)
+        self._local = threading.local()
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.members = [copy.deepcopy(m, memo) for m in self.members]
+        new._link()
+        return new
+
+    def __getstate__(self):
+        raise TypeError("a decode group holds kernel closures and does not pickle: save the model with bs.save")
+
+    def output(self, member: SparseLinear, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s product with the one-row ``x``: from the group's product of ``x`` if pending."""
+        i, memo = self._index[id(member)], self._local
+        if x.is_inference():  # no version counter to tell an in-place change: the member's rows alone
+            return member._vector(x if x.is_contiguous() else x.contiguous())
+        if getattr(memo, "x", None) is x and memo.version == x._version and not memo.taken[i]:
+            memo.taken[i] = True
+            y = memo.y[self.slices[i]]
+            if all(memo.taken):  # every share handed out: hold nothing until the next token
+                memo.x = memo.y = None
+            return y
+        memo.x, memo.version, memo.taken = x, x._version, [False] * len(self.members)
+        memo.y = self._product(x if x.is_contiguous() else x.contiguous())
+        memo.taken[i] = True
+        return memo.y[self.slices[i]]
 
 
 class SparseConv2d(SparseModule):
