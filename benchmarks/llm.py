@@ -431,12 +431,20 @@ def save_store(store: dict) -> None:
     os.replace(tmp, STORE)
 
 
+def _owl_capable(method: str) -> bool:
+    """OWL re-weights a layer-wise method's per-layer sparsities (obc, sparsegpt, wanda): bs.prune
+    refuses it for the others, so such cells are not planned (``sparsegpt+ec`` -> sparsegpt)."""
+    from brainsurgeon.registry import get_method
+
+    return "owl" in getattr(get_method(method.split("+")[0]), "allocations", ())
+
+
 def plan(args) -> list[tuple[str, str, str, str]]:
     cells = [c for c in PRIORITY]
     for method in args.methods:
         for s in args.sparsities:
             for alloc in args.allocations:
-                if ":" in s and alloc != "uniform":
+                if (":" in s and alloc != "uniform") or (alloc == "owl" and not _owl_capable(method)):
                     continue
                 cells.append(("brainsurgeon", method, s, alloc))
     for peer in args.peers:

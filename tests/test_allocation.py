@@ -61,6 +61,40 @@ def test_global_cap_binds_and_is_respected():
     assert all(v <= 0.7 + 1e-12 for v in sp.values())
 
 
+def _global_counts_by_sorting(scores, sparsity, cap_fraction):
+    """The definition: a stable sort of every layer's cap lowest scores, concatenated in layer order."""
+    from brainsurgeon.allocation import layer_cap, num_pruned
+
+    k = num_pruned(sum(s.numel() for s in scores.values()), sparsity)
+    eligible, owners = [], []
+    for i, s in enumerate(scores.values()):
+        cap = layer_cap(s.numel(), cap_fraction)
+        eligible.append(torch.sort(s.reshape(-1).double(), stable=True).values[:cap])
+        owners.append(torch.full((cap,), i))
+    chosen = torch.cat(owners)[torch.argsort(torch.cat(eligible), stable=True)[:k]]
+    return {name: int((chosen == i).sum()) for i, name in enumerate(scores)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_global_counts_by_selection_equal_the_sorted_definition(seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(x) for x in torch.randint(1, 400, (5,), generator=g)]
+    scores = {f"l{i}": torch.randint(0, 6, (n,), generator=g).float() for i, n in enumerate(sizes)}  # many ties
+    if seed % 2:
+        scores["l1"] = torch.rand(sizes[1], generator=g, dtype=torch.float64)
+        scores["l2"][::7] = float("nan")  # NaN counts as the largest score
+    if seed == 4:
+        scores["l3"] = scores["l3"].bfloat16()
+    for sparsity in (0.0, 0.1, 0.5, 0.83, 0.97):
+        for cap in (0.99, 0.9, 0.6):
+            expected = _global_counts_by_sorting(scores, sparsity, cap)
+            if sum(expected.values()) < round(sparsity * sum(sizes)):  # the cap cannot hold it: refused
+                with pytest.raises(BrainsurgeonError, match="max_layer_sparsity"):
+                    global_counts(scores, sparsity, max_layer_sparsity=cap)
+                continue
+            assert global_counts(scores, sparsity, max_layer_sparsity=cap) == expected, (sparsity, cap)
+
+
 def test_global_cap_too_low_is_a_clear_error():
     with pytest.raises(BrainsurgeonError, match="max_layer_sparsity"):
         global_counts({"a": torch.rand(10)}, 0.8, max_layer_sparsity=0.5)
