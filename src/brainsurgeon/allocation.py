@@ -140,15 +140,15 @@ def global_counts(
     eligible, pos = np.empty(n_eligible, dtype=dtype), 0
     for name, f in flat.items():  # each layer's cap lowest (as a multiset: their order does not matter)
         cap = caps[name]
-        eligible[pos: pos + cap] = f if cap == f.size else np.partition(f, cap - 1)[:cap] if cap else f[:0]
+        eligible[pos: pos + cap] = f if cap == f.size else np.partition(f, max(cap - 1, 0))[:cap]
         pos += cap
     eligible.partition(k - 1)  # in place: no second copy
     t = eligible[k - 1]
     del eligible
-    below, ties = {}, {}
-    for name, f in flat.items():
-        lt = int(np.count_nonzero(~np.isnan(f))) if np.isnan(t) else int(np.count_nonzero(f < t))
-        eq = int(np.count_nonzero(np.isnan(f))) if np.isnan(t) else int(np.count_nonzero(f == t))
+    below, ties, nan_t = {}, {}, bool(np.isnan(t))
+    for name, f in flat.items():  # NaN is above every number: all numbers are below a NaN threshold
+        lt = int(np.count_nonzero(~np.isnan(f) if nan_t else f < t))
+        eq = int(np.count_nonzero(np.isnan(f) if nan_t else f == t))
         below[name] = min(caps[name], lt)
         ties[name] = min(caps[name] - below[name], eq)
     left = k - sum(below.values())

@@ -83,15 +83,10 @@ class Engine:
         """A fast path for one input row: ``x`` (in,) contiguous float32 -> ``W @ x`` (out,); None if none."""
         return None
 
-    #: whether states of layers with the same input width can be stacked (:meth:`stack`) and sliced
-    #: back by rows (:meth:`row_slice`) without copies: what a decode group needs
+    #: True for engines whose states of layers with the same input width can be stacked by rows and
+    #: sliced back without copies (they then provide ``stack(states)`` and ``row_slice(state, start,
+    #: stop)``): what a decode group needs
     stackable = False
-
-    def stack(self, states: list[Any]) -> Any:
-        raise NotImplementedError  # only engines with stackable = True implement it
-
-    def row_slice(self, state: Any, start: int, stop: int) -> Any:
-        raise NotImplementedError  # only engines with stackable = True implement it
 
 
 class DenseEngine(Engine):
