@@ -127,6 +127,13 @@ def _worker(rank: int, scenario: str, init_file: str, out_dir: str) -> None:
     ]
     (out / f"errors-{rank}.txt").write_text("\n".join(msgs))
     dist.destroy_process_group()
+    (out / f"threads-{rank}.txt").write_text("\n".join(_thread_names()))
+
+
+def _thread_names() -> list[str]:
+    """This process's native threads by name (Linux: gloo's are gloo_tcp_loop and pt_gloo_runloop)."""
+    tasks = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.is_dir() else ["unknown"]
 
 
 def _run(scenario: str, tmp_path: Path) -> list[int]:
@@ -149,6 +156,17 @@ def two_ranks(tmp_path_factory):
     _model().save_pretrained(tmp / "src")
     assert _run("prune", tmp) == [0, 0]
     return tmp
+
+
+def test_destroying_the_group_ends_its_threads(two_ranks):
+    """The workers built transformers models inside the group (transformers then imports
+    torch.distributed.nn, whose defaults would hold the group): destroy_process_group must still
+    free it, else its threads outlive the interpreter and can abort the process at exit."""
+    for r in range(WORLD):
+        names = (two_ranks / f"threads-{r}.txt").read_text().split("\n")
+        if names == ["unknown"]:
+            pytest.skip("no /proc/self/task on this system to list threads")
+        assert not [n for n in names if "gloo" in n], names
 
 
 @pytest.mark.parametrize("method", METHODS)

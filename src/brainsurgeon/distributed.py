@@ -30,10 +30,14 @@ buffer, compared across ranks) get one line naming the ranks. A rank that dies m
 others fail at their next collective, with the process group's timeout as the bound (``torchrun``
 CLI: ``--dist-timeout``, default 600 s): the error names the collective and the timeout instead of
 hanging forever.
+
+Shutdown: importing brainsurgeon imports ``torch.distributed.nn`` first (see :func:`_bind_defaults`),
+and the CLI destroys the process group it created once the command ends (:func:`shutdown`).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -42,6 +46,23 @@ from torch import nn
 
 from .errors import BrainsurgeonError
 from .sequential import BlockHooks
+
+
+def _bind_defaults() -> None:
+    """Import ``torch.distributed.nn`` before any process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated at import. Imported
+    after ``init_process_group`` (transformers imports it lazily when it builds a model), those
+    defaults hold the default gloo group for the rest of the process, so ``destroy_process_group``
+    cannot free it: its worker threads outlive the interpreter and can abort the process at exit
+    ("terminate called without an active exception", SIGABRT, measured in 5 of 12 2-rank runs).
+    Imported first, the defaults are ``None``. Costs ~2 ms after torch.
+    """
+    if torch.distributed.is_available():
+        importlib.import_module("torch.distributed.nn")
+
+
+_bind_defaults()
 
 #: what to tell a user whose collective failed
 _HINT = (
@@ -264,6 +285,16 @@ class SplitHooks(BlockHooks):
             broadcast_(t.weight.data, src)
             broadcast_(mask, src)
         self.inner.after_group(group)
+
+
+def shutdown() -> None:
+    """Destroy the process group (no-op when none is initialised), joining its worker threads
+    before the interpreter exits. Called when a CLI command ends, after success or an error alike,
+    so it does not wait for the other ranks: a rank that failed alone must not block in a barrier.
+    Your own script calls ``dist.destroy_process_group()`` itself."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:

@@ -129,12 +129,13 @@ def _global_options(
     Under ``torchrun --nproc-per-node P -m brainsurgeon ...`` every rank joins the process group
     (gloo on CPU, nccl with CUDA) and calibrates on its share of the data; only rank 0 writes."""
     from .. import progress
-    from ..distributed import init_from_env
+    from ..distributed import init_from_env, shutdown
     from ..errors import BrainsurgeonError
 
     try:
         n = resolve_threads(threads)
-        init_from_env(timeout_s=dist_timeout)
+        if init_from_env(timeout_s=dist_timeout):
+            ctx.call_on_close(shutdown)
     except BrainsurgeonError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
