@@ -140,7 +140,9 @@ def global_counts(
     eligible, pos = np.empty(n_eligible, dtype=dtype), 0
     for name, f in flat.items():  # each layer's cap lowest (as a multiset: their order does not matter)
         cap = caps[name]
-        eligible[pos: pos + cap] = f if cap == f.size else np.partition(f, max(cap - 1, 0))[:cap]
+        if cap == 0:  # nothing of this layer is eligible: no selection to pay for
+            continue
+        eligible[pos: pos + cap] = f if cap == f.size else np.partition(f, cap - 1)[:cap]
         pos += cap
     eligible.partition(k - 1)  # in place: no second copy
     t = eligible[k - 1]
