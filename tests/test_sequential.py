@@ -250,7 +250,11 @@ def test_compute_dtype_runs_the_forwards_in_a_low_precision_shadow(monkeypatch):
     assert torch.bfloat16 in seen  # the block forwards ran in bfloat16
     assert all(p.dtype == torch.float32 for p in fast.model.parameters())  # the solves updated float32 weights
     assert fast.report["calibration"]["compute_dtype"] == "bfloat16"
+    from brainsurgeon.curvature import gram_kernel  # X^T X of the bfloat16 rows: AMX where the CPU has it
+
+    assert fast.report["calibration"]["gram"].startswith("amx" if gram_kernel.available() else "torch: bfloat16")
     ref = bs.prune(model, data, "sparsegpt", 0.5, batch_size=4)
+    assert ref.report["calibration"]["gram"].startswith("torch: the rows' dtype")
     assert _mask_agreement(fast, ref) > 0.9 and _weight_gap(fast, ref) < 0.1
     # partial passes run the same shadow: bit-identical to the lockstep pass
     partial = bs.prune(model, data, "sparsegpt", 0.5, compute_dtype="bfloat16", batch_size=4, lockstep=False)

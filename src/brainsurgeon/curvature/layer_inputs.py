@@ -38,6 +38,7 @@ from torch import nn
 from ..data import Calibration
 from ..errors import BrainsurgeonError
 from ..targets import Target, holder_modules, register_input_capture
+from . import gram_kernel
 
 
 class _StopForward(BaseException):
@@ -145,8 +146,11 @@ class _Accumulator:
 
     def add(self, rows: torch.Tensor, ref_rows: torch.Tensor | None = None) -> None:
         rows = rows.detach()
-        if not rows.is_floating_point() or rows.dtype in (torch.bfloat16, torch.float16):
+        low = not rows.is_floating_point() or rows.dtype in (torch.bfloat16, torch.float16)
+        if low and not self._keeps_bf16(rows):
             rows = rows.float()  # bf16/fp16 products would round X^T X to 8/11 bits: form them in float32
+        if self._pending and self._pending[0].dtype != rows.dtype:
+            self._flush()
         self.rows += rows.shape[0]
         if self.xtx is None:
             self.sq += rows.to(torch.float64).square().sum(0)
@@ -161,12 +165,20 @@ class _Accumulator:
             if own or self._pending_elems >= self.FLUSH_ELEMENTS:
                 self._flush()
 
+    def _keeps_bf16(self, rows: torch.Tensor) -> bool:
+        """bfloat16 rows whose X^T X the AMX kernel forms as it stands (no float32 copy of the rows)."""
+        return (rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and self.xtx is not None
+                and self.cross is None and gram_kernel.available())
+
     def _flush(self) -> None:
         if not self._pending:
             return
         x = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
         self._pending, self._pending_elems = [], 0
-        add_gram(self.xtx, x)  # fast products in the activations' dtype, summed in float64
+        if x.dtype == torch.bfloat16:  # exact bf16 products in float32 tiles (gram_kernel), summed in float64
+            gram_kernel.add_gram_bf16(self.xtx, x)
+        else:
+            add_gram(self.xtx, x)  # fast products in the activations' dtype, summed in float64
         if self.cross is not None:
             ref = self._pending_ref[0] if len(self._pending_ref) == 1 else torch.cat(self._pending_ref)
             self._pending_ref = []

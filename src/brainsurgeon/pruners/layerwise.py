@@ -96,6 +96,7 @@ import torch
 from ..allocation import Structure, global_counts, layer_cap, num_pruned, uniform_count
 from ..context import PruneContext
 from ..distributed import split_hooks
+from ..curvature import gram_kernel
 from ..curvature.layer_inputs import LayerInputStats, check_supported, layer_input_stats, paired_input_stats
 from ..errors import BrainsurgeonError
 from ..sequential import PATH_BLOCKS, PATH_LAYERS, BlockPlan, is_chain, plan_blocks, walk_blocks
@@ -318,6 +319,16 @@ class LayerwiseMethod(PruningMethod):
             return ctx.options.allocation == "global" and not ctx.options.structure.is_nm
         return bool(self.error_correction)
 
+    def _gram_products(self, ctx: PruneContext) -> str | None:
+        """How the block path formed X^T X, for the report (None: no X^T X)."""
+        if not self.needs_hessian:
+            return None
+        if self.compute_dtype == "bfloat16" and not self.corrects_errors(ctx) and ctx.device.type == "cpu":
+            if gram_kernel.available():
+                return "amx: bfloat16 rows, float32 tiles, float64 sum"
+            return f"torch: bfloat16 rows converted to float32 ({gram_kernel.why_not()}), float64 sum"
+        return "torch: the rows' dtype (float32 at least), float64 sum"
+
     def relative_damping(self, ctx: PruneContext) -> float:
         """``percdamp`` if given, else the run's ``damping``, else SparseGPT's 1%."""
         if self.percdamp is not None:
@@ -538,5 +549,6 @@ class LayerwiseMethod(PruningMethod):
             cal.update(path=PATH_BLOCKS, blocks=len(plan.blocks), block_passes=plan.passes,
                        lockstep_blocks=plan.lockstep_blocks, lockstep=plan.lockstep_reason,
                        layers_after_blocks=[t.name for t in plan.tail],
-                       activations_dtype=self.activations_dtype, compute_dtype=self.compute_dtype)
+                       activations_dtype=self.activations_dtype, compute_dtype=self.compute_dtype,
+                       gram=self._gram_products(ctx))
         ctx.extra_report["calibration"] = cal
