@@ -12,7 +12,10 @@ global, owl} (N:M only uniform; a method named ``sparsegpt+ec`` runs sparsegpt w
 ``compute_dtype="bfloat16"``: the calibration forwards in a bfloat16 copy of each block); peers on the same tokens: ``ref-sparsegpt`` (the unmodified
 ``SparseGPT`` class and ``llama_sequential`` driver of IST-DASLab/sparsegpt; adaptation below) and
 ``llmc-sparsegpt`` / ``llmc-wanda`` (llm-compressor's ``SparseGPTModifier`` /
-``WandaPruningModifier`` through ``oneshot``, in its own venv). Each cell runs in a subprocess:
+``WandaPruningModifier`` through ``oneshot``, in its own venv); ``--peers ref-sparsegpt+bf16`` runs
+the same reference on the model cast to bfloat16 (as it runs a half-precision checkpoint: forwards in
+bfloat16, H and solves in float32; evaluated in float32), the like-for-like peer of
+``sparsegpt+bf16``. Each cell runs in a subprocess:
 its wall time of the pruning call, the peak RSS of the pruning call (``/proc/self/clear_refs`` reset
 before the call, ``VmHWM`` after; the model's weights are read once after loading, so that they are
 resident before the call: cells recorded before 2026-11-30 12:00 did not, and their increase counts
@@ -284,6 +287,9 @@ def run_ref_sparsegpt(cell: dict, calib, eval_ids) -> dict:
         blocksize=128,
     )
     model = load_model()
+    bf16 = cell["impl"].endswith("+bf16")
+    if bf16:  # the model in bfloat16, as the reference runs a half-precision checkpoint (its solves in float32)
+        model = model.to(torch.bfloat16)
     model.seqlen = SEQ_LEN
     _patch_decoder_layer(model)
     loader = [(calib[i:i + 1],) for i in range(calib.shape[0])]
@@ -291,6 +297,8 @@ def run_ref_sparsegpt(cell: dict, calib, eval_ids) -> dict:
         ref_llama.llama_sequential(model, loader, torch.device("cpu"))
     out = meter.result()
     out["model_mb"] = model_bytes(model) / 2**20
+    if bf16:  # evaluated like every cell, in float32 (its weights as the reference left them, bfloat16 values)
+        model = model.float()
     out.update(evaluate(model, eval_ids))
     return out
 
@@ -387,7 +395,7 @@ def child(cell: dict, tokens: Path, threads: int) -> None:
         out = run_dense(cell, calib, eval_ids)
     elif impl == "brainsurgeon":
         out = run_brainsurgeon(cell, calib, eval_ids)
-    elif impl == "ref-sparsegpt":
+    elif impl in ("ref-sparsegpt", "ref-sparsegpt+bf16"):
         out = run_ref_sparsegpt(cell, calib, eval_ids)
     else:
         out = run_llmc(cell, calib, eval_ids, tokens, threads)
@@ -576,10 +584,34 @@ def _name(c: dict) -> str:
     return f"{c['impl']} {c['method']} {c['sparsity']} {c['allocation']}"
 
 
+#: (ours, the reference's) speed pairs: float32 against float32; bfloat16 forwards against float32 and
+#: against the reference run on the model in bfloat16 (the like-for-like pair)
+SPEED_PAIRS = [("sparsegpt", "ref-sparsegpt"), ("sparsegpt+bf16", "ref-sparsegpt"),
+               ("sparsegpt+bf16", "ref-sparsegpt+bf16")]
+
+
+def speed_lines(cells: dict) -> list[str]:
+    lines = []
+    for s in ("0.5", "2:4", "0.7"):
+        for method, peer in SPEED_PAIRS:
+            ours = cells.get(cell_key("brainsurgeon", method, s, "uniform"))
+            ref = cells.get(cell_key(peer, peer.split("-", 1)[1], s, "uniform"))
+            if not (ours and ref and "error" not in ours and "error" not in ref):
+                continue
+            if ours.get("threads") != ref.get("threads"):
+                lines.append(f"- Speed at {s}: brainsurgeon {method} ran at {ours.get('threads')} thread(s), {peer} "
+                             f"at {ref.get('threads')}: not compared.")
+                continue
+            r = ours["prune_s"] / ref["prune_s"]
+            lines.append(f"- Speed at {s}: brainsurgeon {method} {ours['prune_s']:.0f} s vs {peer} (reference driver) "
+                         f"{ref['prune_s']:.0f} s: ratio {r:.2f} (target <= 0.5): **{'met' if r <= 0.5 else 'missed'}**.")
+    return lines
+
+
 def targets(store: dict) -> list[str]:
     cells = store["cells"]
     dense = cells.get("dense", {}).get("perplexity")
-    peers = {"ref-sparsegpt", "llmc-sparsegpt", "llmc-wanda"}
+    peers = {"ref-sparsegpt", "ref-sparsegpt+bf16", "llmc-sparsegpt", "llmc-wanda"}
     lines = []
     for s in ("0.5", "2:4"):
         ours, theirs = _best(cells, s, {"brainsurgeon"}), _best(cells, s, peers)
@@ -596,18 +628,7 @@ def targets(store: dict) -> list[str]:
                      f"ratio {a / b:.2f} (target <= 0.6): **{'met' if a <= 0.6 * b else 'missed'}**.")
     else:
         lines.append("- Quality at 0.7: not measured (cells missing).")
-    for s in ("0.5", "2:4", "0.7"):
-        ref = cells.get(cell_key("ref-sparsegpt", "sparsegpt", s, "uniform"))
-        for method in ("sparsegpt", "sparsegpt+bf16"):  # the default, and compute_dtype="bfloat16"
-            ours = cells.get(cell_key("brainsurgeon", method, s, "uniform"))
-            if ours and ref and "error" not in ours and "error" not in ref:
-                if ours.get("threads") != ref.get("threads"):
-                    lines.append(f"- Speed at {s}: brainsurgeon {method} ran at {ours.get('threads')} thread(s), the "
-                                 f"reference at {ref.get('threads')}: not compared.")
-                    continue
-                r = ours["prune_s"] / ref["prune_s"]
-                lines.append(f"- Speed at {s}: brainsurgeon {method} {ours['prune_s']:.0f} s vs reference driver "
-                             f"{ref['prune_s']:.0f} s: ratio {r:.2f} (target <= 0.5): **{'met' if r <= 0.5 else 'missed'}**.")
+    lines += speed_lines(cells)
     for key, c in cells.items():
         if c.get("impl") == "brainsurgeon" and c.get("method") in ("sparsegpt", "sparsegpt+bf16") and "error" not in c \
                 and c.get("allocation") == "uniform":

@@ -1,6 +1,8 @@
 """glibc's heap controls, where the C library is glibc (elsewhere: nothing happens)."""
 from __future__ import annotations
 
+import contextlib
+
 
 class _Glibc:
     """glibc's heap controls, where the C library is glibc (elsewhere: nothing happens).
@@ -12,6 +14,7 @@ class _Glibc:
     from 1.55 to 1.38 GiB."""
 
     M_MMAP_THRESHOLD = -3
+    GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
     def __init__(self) -> None:
         import ctypes
@@ -23,10 +26,29 @@ class _Glibc:
         except (OSError, AttributeError):
             self.lib = None
 
+    #: the mmap threshold this process last set (None: glibc's own, dynamic, threshold)
+    threshold: int | None = None
+
     def map_large_buffers(self) -> None:
         """Allocations of 1 MiB and more get their own mapping (a process-wide glibc setting)."""
+        self._set_threshold(1 << 20)
+
+    def _set_threshold(self, nbytes: int) -> None:
         if self.lib is not None:
-            self.lib.mallopt(self.M_MMAP_THRESHOLD, 1 << 20)
+            self.lib.mallopt(self.M_MMAP_THRESHOLD, nbytes)
+            self.threshold = nbytes
+
+    @contextlib.contextmanager
+    def heap_buffers_below(self, nbytes: int):
+        """Within the block, allocations under ``nbytes`` come from the heap, where freed buffers are
+        reused, instead of fresh mappings (each a page-faulted, zeroed allocation); the threshold
+        set before is restored after (glibc's default when none was)."""
+        before = self.threshold
+        self._set_threshold(nbytes)
+        try:
+            yield
+        finally:
+            self._set_threshold(before if before is not None else self.GLIBC_DEFAULT_THRESHOLD)
 
     def trim(self) -> None:
         if self.lib is not None:
