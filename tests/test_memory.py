@@ -1,4 +1,5 @@
-"""glibc heap controls: the lockstep pass raises the mmap threshold for its duration, and restores it."""
+"""glibc heap controls: the lockstep pass raises the mmap threshold for its duration, and the public
+calls leave the threshold they found (the user's process is not left mapping every large buffer)."""
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ def test_heap_buffers_below_restores_on_error_and_without_a_threshold_before():
     with pytest.raises(RuntimeError):
         with libc.heap_buffers_below(16 << 20):
             raise RuntimeError("a failed forward")
-    assert libc.lib.calls == [(-3, 16 << 20), (-3, _Glibc.GLIBC_DEFAULT_THRESHOLD)]
+    assert libc.lib.calls == [(-3, 16 << 20), (-3, _Glibc.GLIBC_DYNAMIC_CEILING)]
 
 
 def test_without_glibc_nothing_happens():
@@ -45,7 +46,7 @@ def test_without_glibc_nothing_happens():
 
 
 def test_a_lockstep_pass_runs_with_the_raised_threshold(monkeypatch):
-    """The threshold seen by the block's forward is LOCKSTEP_HEAP_BUFFERS; after the call, 1 MiB again."""
+    """The threshold seen by the block's forward is LOCKSTEP_HEAP_BUFFERS; after the call, the one before it."""
     import torch
     from torch import nn
 
@@ -60,7 +61,65 @@ def test_a_lockstep_pass_runs_with_the_raised_threshold(monkeypatch):
     model[2].register_forward_pre_hook(lambda m, a: seen.append(LIBC.threshold))
     torch.manual_seed(0)
     data = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+    monkeypatch.setattr(LIBC, "threshold", 3 << 20)  # as if the user's process had set one
     res = bs.prune(model, data, "sparsegpt", 0.5, batch_size=8, lockstep=True)
     assert res.report["calibration"]["lockstep_blocks"] >= 1
     assert sequential.LOCKSTEP_HEAP_BUFFERS in seen
-    assert LIBC.threshold == 1 << 20
+    assert LIBC.threshold == 3 << 20
+
+
+def test_a_call_restores_the_threshold_it_found():
+    """Calls that map large buffers while they run (1 MiB) leave the threshold as they found it: the
+    one set before, or glibc's dynamic ceiling where none was (mallopt cannot restore the dynamic one)."""
+    libc = _Glibc()
+    libc.lib = FakeLibc()
+
+    @libc.restores_threshold
+    def call(fail=False):
+        libc.map_large_buffers()
+        if fail:
+            raise RuntimeError("bad input")
+        return "result"
+
+    assert call() == "result"
+    assert libc.lib.calls == [(-3, 1 << 20), (-3, _Glibc.GLIBC_DYNAMIC_CEILING)]
+    libc.lib.calls.clear()
+    with pytest.raises(RuntimeError):
+        call(fail=True)
+    assert libc.lib.calls == [(-3, 1 << 20), (-3, _Glibc.GLIBC_DYNAMIC_CEILING)]
+    libc.lib.calls.clear()
+    libc._set_threshold(4 << 20)
+    call()
+    assert libc.lib.calls == [(-3, 4 << 20), (-3, 1 << 20), (-3, 4 << 20)]
+    libc.lib.calls.clear()
+
+    @libc.restores_threshold
+    def untouched():
+        return None
+
+    untouched()
+    assert libc.lib.calls == []  # nothing set, nothing restored
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_bs_prune_leaves_the_process_threshold_as_it_found_it(monkeypatch, structured):
+    import torch
+    from torch import nn
+
+    import brainsurgeon as bs
+    from brainsurgeon.memory import LIBC
+
+    if LIBC.lib is None:
+        pytest.skip("not glibc: the heap controls do nothing here")
+    monkeypatch.setattr(LIBC, "threshold", 2 << 20)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    data = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, a: seen.append(LIBC.threshold))
+    if structured:
+        bs.prune(model, data, "l1-norm", 0.25, structure="channel", batch_size=8)
+    else:
+        bs.prune(model, data, "magnitude", 0.5, batch_size=8)
+    assert 1 << 20 in seen  # the call ran with large buffers mapped
+    assert LIBC.threshold == 2 << 20

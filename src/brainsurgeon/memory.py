@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 
 class _Glibc:
@@ -14,7 +15,11 @@ class _Glibc:
     from 1.55 to 1.38 GiB."""
 
     M_MMAP_THRESHOLD = -3
-    GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+    #: glibc's threshold is dynamic until mallopt sets one, and mallopt cannot switch that back on:
+    #: it starts at 128 KiB and rises to the size of each larger mapped buffer freed, up to this
+    #: ceiling (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit), near which a process that frees large tensors
+    #: soon has it. A call that found the threshold untouched leaves this one behind.
+    GLIBC_DYNAMIC_CEILING = 32 << 20
 
     def __init__(self) -> None:
         import ctypes
@@ -30,7 +35,8 @@ class _Glibc:
     threshold: int | None = None
 
     def map_large_buffers(self) -> None:
-        """Allocations of 1 MiB and more get their own mapping (a process-wide glibc setting)."""
+        """Allocations of 1 MiB and more get their own mapping (a process-wide glibc setting: the
+        calls that set it run under :meth:`restores_threshold`, which sets the one before again)."""
         self._set_threshold(1 << 20)
 
     def _set_threshold(self, nbytes: int) -> None:
@@ -42,13 +48,32 @@ class _Glibc:
     def heap_buffers_below(self, nbytes: int):
         """Within the block, allocations under ``nbytes`` come from the heap, where freed buffers are
         reused, instead of fresh mappings (each a page-faulted, zeroed allocation); the threshold
-        set before is restored after (glibc's default when none was)."""
+        set before is restored after (see :meth:`restored_after`)."""
+        with self.restored_after():
+            self._set_threshold(nbytes)
+            yield
+
+    @contextlib.contextmanager
+    def restored_after(self):
+        """Whatever threshold the block sets, the one before it is set again after it (glibc's
+        dynamic one's ceiling when brainsurgeon had set none): the public calls run in this, so the
+        user's process does not keep mapping every buffer of 1 MiB and more after them."""
         before = self.threshold
-        self._set_threshold(nbytes)
         try:
             yield
         finally:
-            self._set_threshold(before if before is not None else self.GLIBC_DEFAULT_THRESHOLD)
+            if self.threshold != before:
+                self._set_threshold(before if before is not None else self.GLIBC_DYNAMIC_CEILING)
+
+    def restores_threshold(self, fn):
+        """Decorator: ``fn`` runs in :meth:`restored_after` (the calls that set the threshold)."""
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with self.restored_after():
+                return fn(*args, **kwargs)
+
+        return wrapper
 
     def trim(self) -> None:
         if self.lib is not None:

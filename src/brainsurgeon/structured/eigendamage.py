@@ -61,6 +61,7 @@ from ..curvature.diagonal import (
 )
 from ..curvature.kfac import _SIGNAL, check_fisher_kind, check_kfac_layer, factor_sums
 from ..errors import BrainsurgeonError
+from ..memory import LIBC
 from ..registry import register
 from ..targets import Target
 from .groups import WholeModelMethod
@@ -316,6 +317,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+@LIBC.restores_threshold
 def eigendamage(
     model: nn.Module,
     data,

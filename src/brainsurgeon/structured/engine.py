@@ -17,6 +17,7 @@ from torch import nn
 from ..allocation import Structure
 from ..batchnorm import batchnorm_notes, choose_batchnorm_statistics
 from ..errors import BrainsurgeonError
+from ..memory import LIBC
 from ..targets import find_targets
 from .compact import compact as compact_model
 from ..registry import get_variant
@@ -35,6 +36,7 @@ def structured_methods() -> list[str]:
     return sorted(n for n in _all_methods() if supports(n, "channel"))
 
 
+@LIBC.restores_threshold
 def prune_channels(
     model: nn.Module, data, method: str, sparsity, *, allocation: str, max_layer_sparsity, loss_fn,
     num_samples, damping, layers, seed, device, batch_size, progress, compact: bool, method_options: dict,
