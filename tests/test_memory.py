@@ -74,7 +74,7 @@ def test_a_call_restores_the_threshold_it_found():
     libc = _Glibc()
     libc.lib = FakeLibc()
 
-    @libc.restores_threshold
+    @libc.restored_after()
     def call(fail=False):
         libc.map_large_buffers()
         if fail:
@@ -93,7 +93,7 @@ def test_a_call_restores_the_threshold_it_found():
     assert libc.lib.calls == [(-3, 4 << 20), (-3, 1 << 20), (-3, 4 << 20)]
     libc.lib.calls.clear()
 
-    @libc.restores_threshold
+    @libc.restored_after()
     def untouched():
         return None
 

@@ -245,7 +245,7 @@ def _prune_work(algo, ctx: PruneContext, method: str, prior_masks, layer_sparsit
     return masks
 
 
-@LIBC.restores_threshold
+@LIBC.restored_after()
 def prune_step(
     model: nn.Module,
     data,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 
 class _Glibc:
@@ -36,7 +35,7 @@ class _Glibc:
 
     def map_large_buffers(self) -> None:
         """Allocations of 1 MiB and more get their own mapping (a process-wide glibc setting: the
-        calls that set it run under :meth:`restores_threshold`, which sets the one before again)."""
+        calls that set it run under :meth:`restored_after`, which sets the one before again)."""
         self._set_threshold(1 << 20)
 
     def _set_threshold(self, nbytes: int) -> None:
@@ -56,7 +55,8 @@ class _Glibc:
     @contextlib.contextmanager
     def restored_after(self):
         """Whatever threshold the block sets, the one before it is set again after it (glibc's
-        dynamic one's ceiling when brainsurgeon had set none): the public calls run in this, so the
+        dynamic one's ceiling when brainsurgeon had set none). Also a decorator
+        (``@LIBC.restored_after()``, a fresh context per call): the public calls run in it, so the
         user's process does not keep mapping every buffer of 1 MiB and more after them."""
         before = self.threshold
         try:
@@ -64,16 +64,6 @@ class _Glibc:
         finally:
             if self.threshold != before:
                 self._set_threshold(before if before is not None else self.GLIBC_DYNAMIC_CEILING)
-
-    def restores_threshold(self, fn):
-        """Decorator: ``fn`` runs in :meth:`restored_after` (the calls that set the threshold)."""
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with self.restored_after():
-                return fn(*args, **kwargs)
-
-        return wrapper
 
     def trim(self) -> None:
         if self.lib is not None:

@@ -402,7 +402,7 @@ def _layerwise_class(method: str):
     return cls
 
 
-@_LIBC.restores_threshold
+@_LIBC.restored_after()
 def prune_offloaded(
     source, data, method: str = "sparsegpt", sparsity=None, *, out, structure: str = "unstructured",
     allocation: str = "uniform", layers=None, num_samples: int | None = None, batch_size: int = 8,

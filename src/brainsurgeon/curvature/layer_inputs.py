@@ -106,8 +106,8 @@ def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     X_Bi^T X_[Bi..] cover block row i from the diagonal on, and their off-diagonal part is added
     transposed below the diagonal. That is (k + 1) / 2k of the full product's arithmetic (torch has
     no symmetric rank-k update) and the sum is exactly symmetric (diagonal blocks symmetrised).
-    Measured (2 threads, float32 into float64): 366 -> 200 ms for d = 1536, n = 10922 (SmolLM2's down_proj); 102 -> 77 ms for
-    d = 576; OpenBLAS's ssyrk through scipy took 178 and 151 ms."""
+    Measured (2 threads, float32 into float64): 366 -> 200 ms for d = 1536, n = 10922 (SmolLM2's
+    down_proj); 102 -> 77 ms for d = 576; OpenBLAS's ssyrk through scipy took 178 and 151 ms."""
     d = x.shape[1]
     k = max(1, -(-d // GRAM_BLOCK))  # k = 1: the plain product (nothing below the diagonal block)
     edges = [i * d // k for i in range(k + 1)]

@@ -317,7 +317,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-@LIBC.restores_threshold
+@LIBC.restored_after()
 def eigendamage(
     model: nn.Module,
     data,

@@ -36,7 +36,7 @@ def structured_methods() -> list[str]:
     return sorted(n for n in _all_methods() if supports(n, "channel"))
 
 
-@LIBC.restores_threshold
+@LIBC.restored_after()
 def prune_channels(
     model: nn.Module, data, method: str, sparsity, *, allocation: str, max_layer_sparsity, loss_fn,
     num_samples, damping, layers, seed, device, batch_size, progress, compact: bool, method_options: dict,
