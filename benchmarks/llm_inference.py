@@ -19,6 +19,7 @@ Pruned models are cached as sparse directories under runs/bench/llm_inference/. 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import os
@@ -98,6 +99,16 @@ def torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
         if logits is not None:
             logits.append(out.logits[0, -1].clone())
     return torch.cat([prompt, torch.tensor([toks])], dim=1), times
+
+
+@torch.no_grad()
+def float64_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of ``model``'s weights computed in float64 (a copy): the exact answer to compare roundings to."""
+    exact = copy.deepcopy(model).double()
+    try:
+        return exact(ids).logits
+    finally:
+        del exact
 
 
 @torch.no_grad()
@@ -226,6 +237,11 @@ def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
             decode_diff = max(float((a - b).abs().max()) for a, b in zip(steps["dense torch"], steps["bs.to_sparse"]))
             ort_logits, _ = ort_lm.step(outs["dense torch"].numpy(), 0, ort_lm.empty_past())
             ort_diff = float((torch.from_numpy(ort_logits) - ref_logits).abs().max())
+            # float32 against float32 says how far apart two roundings are; float64 says which is closer
+            exact = float64_logits(model, outs["dense torch"])
+            f64_error = {"dense torch": float((ref_logits.double() - exact).abs().max()),
+                         "bs.to_sparse": float((fast(outs["dense torch"]).logits.double() - exact).abs().max()),
+                         "onnxruntime": float((torch.from_numpy(ort_logits).double() - exact).abs().max())}
         engines = defaultdict(int)
         for entry in fast.sparse_report.values():
             e = entry["engine"]
@@ -238,7 +254,8 @@ def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
                "prefill_ms": {k: round(statistics.median(v), 1) for k, v in pre.items()},
                "same_greedy_tokens": {k: bool(torch.equal(outs[k], outs["dense torch"])) for k in ("bs.to_sparse", "onnxruntime")},
                "max_abs_logit_diff": {"bs.to_sparse": max(sparse_diff, decode_diff), "onnxruntime": ort_diff,
-                                      "bs.to_sparse decode steps": decode_diff, "bs.to_sparse full forward": sparse_diff}}
+                                      "bs.to_sparse decode steps": decode_diff, "bs.to_sparse full forward": sparse_diff},
+               "full_forward_error_vs_float64": f64_error}
         if args.deepsparse:
             res["deepsparse_decode_step"] = deepsparse_peer(args, variant, onnx_path, ort_lm, prompt, threads)
             log(f"{variant} @ {threads}: deepsparse {res['deepsparse_decode_step']}")
@@ -335,6 +352,15 @@ def _load_range(rows: list[dict]) -> str:
     return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
 
 
+def _logit_cells(res: dict) -> list[str]:
+    """Max |logit diff| against dense torch (decode steps, full forward), then each one's error against float64."""
+    diff, f64 = res["max_abs_logit_diff"], res.get("full_forward_error_vs_float64", {})
+    if "bs.to_sparse decode steps" not in diff:  # a run recorded before the split
+        return [f"{diff['bs.to_sparse']:.1e}", "-", "-", "-"]
+    return [f"{diff['bs.to_sparse decode steps']:.1e}", f"{diff['bs.to_sparse full forward']:.1e}",
+            *(f"{f64[k]:.1e}" if k in f64 else "-" for k in ("dense torch", "bs.to_sparse"))]
+
+
 def section(rows: list[dict], args, ds_line: str) -> str:
     lines = [f"SmolLM2-135M-Instruct (float32, 30 layers, hidden 576, vocab 49152, tied embeddings) pruned over its "
              f"210 block linears; calibration {args.calib_samples} x {args.calib_len} tokens of Austen; prompt "
@@ -342,10 +368,11 @@ def section(rows: list[dict], args, ds_line: str) -> str:
              f"{NEW_TOKENS} / the summed time of the {NEW_TOKENS} decode calls); prefill = one forward of "
              f"{args.prefill} tokens. Medians of {args.rounds} interleaved rounds (dense torch, bs.to_sparse and "
              "onnxruntime run one after another in each round). 1-minute load average of the machine (2 cores) "
-             f"during the run: {_load_range(rows)}. Max logit diff: over every decode step's logits (the one-row "
-             "products, where the decode engines run) and one full forward of the prompt and the decoded tokens "
-             "(the prefill engines), "
-             f"against dense torch on the same weights. Bitmask kernels: {_kernel_line()}."]
+             f"during the run: {_load_range(rows)}. Logit diff: the max |difference| from dense torch on the same "
+             "weights, over every decode step's logits (the one-row products, where the decode engines run) and "
+             "over one full forward of the prompt and the decoded tokens (the prefill engines); then that full "
+             "forward's max |difference| from the same weights computed in float64, for dense torch and for "
+             f"to_sparse: each one's own rounding error. Bitmask kernels: {_kernel_line()}."]
     table = []
     for r in rows:
         for t, res in r["threads"].items():
@@ -354,7 +381,7 @@ def section(rows: list[dict], args, ds_line: str) -> str:
             table.append([r["variant"], r.get("method", "?"), t, d["dense torch"], d["bs.to_sparse"], d["onnxruntime"],
                           f"{d['bs.to_sparse'] / d['dense torch']:.2f}x", p["dense torch"], p["bs.to_sparse"], p["onnxruntime"],
                           "yes" if all(res["same_greedy_tokens"].values()) else f"{res['same_greedy_tokens']}",
-                          f"{res['max_abs_logit_diff']['bs.to_sparse']:.1e}"])
+                          *_logit_cells(res)])
     partial = [r["variant"] for r in rows if len(r["threads"]) < len(args.threads)]
     if partial:
         lines.append(f"\nMeasured at fewer thread counts: {', '.join(partial)} (on the shared cores a 2-thread run took "
@@ -366,7 +393,8 @@ def section(rows: list[dict], args, ds_line: str) -> str:
                      "its model runs the same modules as dense torch: the two columns differ by measurement noise only.")
     lines += ["", markdown_table(["pruned", "method", "threads", "decode tok/s dense torch", "bs.to_sparse", "onnxruntime",
                                   "to_sparse / dense", "prefill ms dense", "to_sparse", "onnxruntime",
-                                  "same greedy tokens", "max logit diff"], table)]
+                                  "same greedy tokens", "logit diff: decode steps", "full forward",
+                                  "full forward vs float64: dense torch", "to_sparse"], table)]
     sizes = [[r["variant"], r["size"]["sparse_dir_bytes"] / 2**20, r["size"]["dense_dir_bytes"] / 2**20,
               f"{100 * r['size']['ratio']:.1f}%", r["size"]["bytes_per_nonzero"], ", ".join(r["size"]["encodings"])]
              for r in rows]

@@ -406,7 +406,7 @@ class BitmaskEngine(Engine):
         spmv, (rowptr, masks, values) = native.load().bm_spmv, state.pointers
         rows, nchunks, fixed = state.rows, state.nchunks, self.threads
 
-        def product(x: torch.Tensor) -> torch.Tensor:
+        def product(x: torch.Tensor, _keep=state) -> torch.Tensor:  # the arrays live as long as the closure
             y = torch.empty(rows)
             spmv(rowptr, masks, values, x.data_ptr(), y.data_ptr(), rows, nchunks, fixed or torch.get_num_threads())
             return y

@@ -148,7 +148,10 @@ class SparseLinear(SparseModule):
         if self.engine_for(x.numel() // max(self.in_features, 1)) == "dense":
             return F.linear(x, self._dense_weight, self.bias)
         xt = x.reshape(-1, self.in_features).t()
-        y = self.matmul_t(xt).t()
+        # The engines return W @ x^T, (out, rows): handed on transposed, every later op (attention's
+        # reshapes, the MLP's product, the residual add) ran on strided memory, and a 70%-sparse SmolLM2
+        # prefill of 512 tokens took 1960 ms against dense torch's 1916 although its linears saved 336 ms.
+        y = self.matmul_t(xt).t().contiguous()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)

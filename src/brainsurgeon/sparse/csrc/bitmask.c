@@ -76,6 +76,11 @@ void bm_spmv(const int64_t *rowptr, const uint16_t *masks, const float *vals, co
 }
 
 #define TILE 128 /* tokens per register tile: 8 AVX-512 accumulators */
+/* Columns per float32 partial sum: each block of 64 columns is summed in float32, the blocks in float64.
+ * One float32 chain over a whole row (a few hundred non-zeros) put SmolLM2's logits 8.6e-4 from float64
+ * after 30 layers at 70%, four times dense torch's 2.2e-4; blocked, the products are closer to float64
+ * than dense BLAS's (measured), for about 10% more time. */
+#define BLOCK_CHUNKS 4
 
 static void row_times_xt(const uint16_t *m, const float *vals, const float *xt, float *yrow, int64_t nchunks,
                          int64_t n) {
@@ -85,10 +90,12 @@ static void row_times_xt(const uint16_t *m, const float *vals, const float *xt, 
 #if defined(__AVX512F__)
         __mmask16 lane[TILE / 16];
         __m512 acc[TILE / 16];
+        __m512d lo[TILE / 16], hi[TILE / 16];
         for (int j = 0; j < TILE / 16; j++) {
             int64_t left = width - 16 * j;
             lane[j] = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
             acc[j] = _mm512_setzero_ps();
+            lo[j] = hi[j] = _mm512_setzero_pd();
         }
         for (int64_t c = 0; c < nchunks; c++) {
             for (unsigned k = m[c]; k; k &= k - 1) {
@@ -97,12 +104,26 @@ static void row_times_xt(const uint16_t *m, const float *vals, const float *xt, 
                 for (int j = 0; j < TILE / 16; j++)
                     acc[j] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(lane[j], xr + 16 * j), acc[j]);
             }
+            if (c % BLOCK_CHUNKS == BLOCK_CHUNKS - 1 || c == nchunks - 1) {  /* the block's sums into float64 */
+                for (int j = 0; j < TILE / 16; j++) {
+                    lo[j] = _mm512_add_pd(lo[j], _mm512_cvtps_pd(_mm512_castps512_ps256(acc[j])));
+                    hi[j] = _mm512_add_pd(hi[j], _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+                        _mm512_castps_pd(acc[j]), 1))));
+                    acc[j] = _mm512_setzero_ps();
+                }
+            }
         }
-        for (int j = 0; j < TILE / 16; j++)
-            _mm512_mask_storeu_ps(yrow + t0 + 16 * j, lane[j], acc[j]);
+        for (int j = 0; j < TILE / 16; j++) {
+            __m512d y2 = _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo[j]))),
+                                            _mm256_castps_pd(_mm512_cvtpd_ps(hi[j])), 1);  /* AVX-512F only */
+            __m512 y = _mm512_castpd_ps(y2);
+            _mm512_mask_storeu_ps(yrow + t0 + 16 * j, lane[j], y);
+        }
 #else
         float acc[TILE];
+        double sum[TILE];
         memset(acc, 0, sizeof acc);
+        memset(sum, 0, sizeof sum);
         for (int64_t c = 0; c < nchunks; c++) {
             for (unsigned k = m[c]; k; k &= k - 1) {
                 const float *xr = xt + (16 * c + __builtin_ctz(k)) * n + t0;
@@ -110,8 +131,15 @@ static void row_times_xt(const uint16_t *m, const float *vals, const float *xt, 
                 for (int64_t j = 0; j < width; j++)
                     acc[j] += v * xr[j];
             }
+            if (c % BLOCK_CHUNKS == BLOCK_CHUNKS - 1 || c == nchunks - 1) {
+                for (int64_t j = 0; j < width; j++) {
+                    sum[j] += acc[j];
+                    acc[j] = 0.0f;
+                }
+            }
         }
-        memcpy(yrow + t0, acc, width * sizeof(float));
+        for (int64_t j = 0; j < width; j++)
+            yrow[t0 + j] = (float)sum[j];
 #endif
     }
 }
