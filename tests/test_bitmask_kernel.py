@@ -161,7 +161,8 @@ def test_to_sparse_times_the_bitmask_engines():
 def test_compiled_for_this_cpu():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     assert native.load() is not None, native.error()
-    assert native.isa() == ("avx512" if " avx512f" in flags else "scalar")
+    expected = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags and " fma" in flags else "scalar"
+    assert native.isa() == expected
 
 
 def test_kernels_share_torchs_openmp_runtime():
@@ -179,29 +180,41 @@ def test_kernels_share_torchs_openmp_runtime():
     assert runtime != "None" and loaded == [runtime]  # two runtimes would each keep a pool of spinning threads
 
 
-def test_portable_scalar_build_gives_the_same_products(tmp_path):
-    """The loops that run without AVX-512, built here with the baseline x86-64 / generic flags."""
+def _cpu_has(*features: str) -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return all(f" {f}" in flags for f in features)
+
+
+BUILDS = [pytest.param(["-O2", "-fPIC", "-std=gnu11"], 0, id="portable-scalar")]
+if _cpu_has("avx2", "fma", "popcnt"):  # on an AVX-512 machine too: the AVX2 path is built and run there
+    BUILDS.append(pytest.param(["-O3", "-mavx2", "-mfma", "-mpopcnt", "-fPIC", "-std=gnu11"], 256, id="avx2"))
+
+
+@pytest.mark.parametrize("cflags, isa", BUILDS)
+def test_other_builds_give_the_same_products(tmp_path, cflags, isa):
+    """The loops that run without AVX-512 (AVX2; baseline x86-64 / generic), built here with their flags."""
     cc = native._compiler()
     assert cc is not None, "a C compiler is needed for the bitmask engine"
-    lib_path = tmp_path / "portable.so"
+    lib_path = tmp_path / "other.so"
     old = native.CFLAGS
-    native.CFLAGS = ["-O2", "-fPIC", "-std=gnu11"]
+    native.CFLAGS = cflags
     try:
         native._build(cc, native.openmp_runtime(), lib_path)
     finally:
         native.CFLAGS = old
     lib = ctypes.CDLL(str(lib_path))
-    assert lib.bm_isa() == 0
+    assert lib.bm_isa() == isa
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bm_spmv.argtypes = [p, p, p, p, p, i64, i64, i32]
     lib.bm_spmm.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
-    w = weight(45, 77, 0.6)
-    s = bitmask_from_csr(CSR.from_dense(w))
-    x, xt = torch.randn(77), torch.randn(77, 131)
-    y, yt = torch.empty(45), torch.empty(45, 131)
-    lib.bm_spmv(*s.pointers, x.data_ptr(), y.data_ptr(), 45, s.nchunks, 2)
-    lib.bm_spmm(*s.pointers, xt.data_ptr(), yt.data_ptr(), 45, s.nchunks, 131, 1)
-    assert close(y, reference(w, x[:, None])[:, 0]) and close(yt, reference(w, xt))
+    for rows, cols, sparsity in ((45, 77, 0.6), (40, 576, 0.0), (33, 1536, 0.7), (9, 16, 0.5), (5, 8, 1.0)):
+        w = weight(rows, cols, sparsity, seed=cols)
+        s = bitmask_from_csr(CSR.from_dense(w))
+        x, xt = torch.randn(cols), torch.randn(cols, 131)
+        y, yt = torch.empty(rows), torch.empty(rows, 131)
+        lib.bm_spmv(*s.pointers, x.data_ptr(), y.data_ptr(), rows, s.nchunks, 2)
+        lib.bm_spmm(*s.pointers, xt.data_ptr(), yt.data_ptr(), rows, s.nchunks, 131, 1)
+        assert close(y, reference(w, x[:, None])[:, 0]) and close(yt, reference(w, xt)), (rows, cols, sparsity)
 
 
 def _probe(env: dict) -> str:
