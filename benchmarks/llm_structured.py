@@ -32,6 +32,13 @@ HELD_OUT = "persuasion"
 OUT = ROOT / "runs" / "llm_structured"
 RESULTS = OUT / "results.jsonl"
 RETIME = OUT / "retime.jsonl"
+SECTION = "llm-structured"
+
+
+def use_tag(tag: str) -> None:
+    """A run kept apart (``--tag 128``: the issue's 128-sequence protocol): its own result files and section."""
+    global RESULTS, RETIME, SECTION
+    RESULTS, RETIME, SECTION = OUT / f"results-{tag}.jsonl", OUT / f"retime-{tag}.jsonl", f"llm-structured-{tag}"
 
 
 def load():
@@ -83,6 +90,7 @@ def run_cell(model, calib, ids, method: str, sparsity: float, args) -> dict:
         "prefill_speedup": cost["speedup"].get("prefill"), "decode_speedup": cost["speedup"].get("decode"),
         "heads_removed": res.report["overall"]["heads_removed"], "neurons_removed": res.report["overall"]["neurons_removed"],
         "prune_s": prune_s, "num_samples": res.report["options"]["num_samples"], "round_to": args.round_to,
+        "tune_samples": opts.get("tune_samples"),
         **({"_model": res.model} if args.finetune_epochs else {}),
         **({"saved": save_model(res.model, method, sparsity, args)} if args.save_models else {}),
     }
@@ -246,9 +254,12 @@ def main(argv=None) -> None:
     ap.add_argument("--retime", action="store_true",
                     help="only time the saved models against dense again (alone on the machine), into retime.jsonl")
     ap.add_argument("--record", action="store_true", help="only write the BENCHMARKS.md section from results.jsonl")
+    ap.add_argument("--tag", help="keep this run's cells in results-TAG.jsonl and its own BENCHMARKS.md section")
     args = ap.parse_args(argv)
+    if args.tag:
+        use_tag(args.tag)
     if args.record:
-        return record()
+        return record(args.tag)
     if args.retime:
         return retime(args)
     torch.set_num_threads(args.threads)
@@ -271,7 +282,18 @@ def main(argv=None) -> None:
                 row = run(model, calib, ids, method, s, args)
             except Exception as e:  # a failed cell is recorded, the others still run
                 row = {"method": tag, "sparsity": s, "error": f"{type(e).__name__}: {e}", "num_samples": args.num_samples}
-            append(row)
+            append({**row, "command": "python benchmarks/llm_structured.py " + " ".join(sys.argv[1:] if argv is None else argv)})
+
+
+def _tuned_on(rows: list[dict]) -> str:
+    sizes = sorted({r.get("tune_samples", 16) or r.get("num_samples") for r in rows if r["method"].startswith("fisher-mask")})
+    return "the first " + " / ".join(map(str, sizes)) if sizes else "the calibration sequences"
+
+
+def _command_line() -> str:
+    """The commands of this run's cells, as they were given (recorded with each cell)."""
+    cmds = list(dict.fromkeys(r["command"] for r in read_results() if r.get("command")))
+    return "; ".join(cmds) or "python benchmarks/llm_structured.py"
 
 
 def _read(path: Path) -> list[dict]:
@@ -284,7 +306,7 @@ def read_results() -> list[dict]:
     return _read(RESULTS)
 
 
-def record() -> None:
+def record(tag: str | None = None) -> None:
     from _record import markdown_table, record_section
 
     rows = read_results()
@@ -310,11 +332,15 @@ def record() -> None:
                       pre, dec, r.get("num_samples"), note])
     body = (f"SmolLM2-135M-Instruct, dense perplexity {dense:.3f} on 40 x 512 tokens of *Persuasion*. Heads + FFN neurons "
             "removed (fraction of the decoder head/FFN parameters), global allocation, one-shot. Calibration sequences "
-            "of 512 tokens as listed (fisher-mask tunes its masks on the first 16); tp-* is Torch-Pruning's LLM example "
+            f"of 512 tokens as listed (fisher-mask tunes its masks on {_tuned_on(rows)}); tp-* is Torch-Pruning's LLM example "
             "at the ratio removing the same fraction, FFN + hidden size where it could not group the heads; speedups are "
             "dense / pruned latency, timed interleaved on the shared machine.\n\n"
             + markdown_table(["method", "removed", "ppl", "ppl / dense", "FLOPs ratio", "prefill speedup", "decode speedup",
                               "calib seqs", "note"], table))
+    if tag:
+        sizes = sorted({r.get("num_samples") for r in rows if r.get("num_samples")})
+        return record_section(SECTION, f"Structured transformer pruning, run '{tag}' ({', '.join(map(str, sizes))} "
+                              "calibration sequences)", f"{_command_line()}, then --record --tag {tag}", body)
     record_section("llm-structured", "Structured transformer pruning (heads + FFN neurons)",
                    "python benchmarks/llm_structured.py --num-samples 32 --tune-samples 16 --threads 1 --skip-dense --methods M "
                    "--sparsities S (two such processes at once, one core each; the fine-tuned rows with --finetune-epochs 2 "
