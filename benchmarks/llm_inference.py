@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (float32; ``~/.cache/brainsurgeon/smollm2-135m-instruct``) is pruned by
 ``bs.prune(..., "sparsegpt")`` at 50%, 70% and 2:4 over the 210 block linears (embeddings / tied
-lm_head untouched), calibrated on Jane Austen's novels. For each pruned model, in the same run and
-interleaved round by round, at 1 and 2 threads:
+lm_head untouched), calibrated on Jane Austen's novels, and one structured cut (variant ``ch0.3``:
+fisher-mask removes 30% of the head/FFN parameters, compacted; also timed against the model before
+pruning). For each pruned model, in the same run and interleaved round by round, at 1 and 2 threads:
 
 * decode: greedy tokens/s at batch 1 over 64 new tokens with the KV cache (the prompt's prefill not
   counted), for dense torch (the pruned weights, dense kernels), ``bs.to_sparse`` and onnxruntime
@@ -45,6 +46,10 @@ MODEL_DIR = Path.home() / ".cache" / "brainsurgeon" / "smollm2-135m-instruct"
 TEXT_DIR = Path.home() / ".cache" / "brainsurgeon" / "austen"
 OUT = CACHE / "llm_inference"
 NEW_TOKENS = 64
+#: the criterion of the structured cut (variant "chF": a fraction F of the head/FFN parameters removed),
+#: the best one-shot criterion of the structured benchmark (BENCHMARKS.md, llm-structured)
+STRUCTURED_METHOD = "fisher-mask"
+UNPRUNED = "unpruned dense torch"
 
 
 # ----------------------------------------------------------------------------- material
@@ -63,7 +68,14 @@ def pruned_model(dense: nn.Module, variant: str, method: str, calib: torch.Tenso
     if path.exists():
         info = json.loads((path / "bench_prune.json").read_text()) if (path / "bench_prune.json").exists() else {}
         return bs.load(path), {**info, "cached": True}
-    kwargs = {"structure": variant} if ":" in variant else {"sparsity": float(variant)}
+    if variant.startswith("ch"):  # a structured cut: heads + FFN neurons removed and compacted
+        method, kwargs = STRUCTURED_METHOD, {"structure": "channel", "sparsity": float(variant[2:]), "allocation": "global"}
+        path = OUT / f"{method}-{variant}-n{calib.shape[0]}x{calib.shape[1]}"
+        if path.exists():
+            info = json.loads((path / "bench_prune.json").read_text()) if (path / "bench_prune.json").exists() else {}
+            return bs.load(path), {**info, "cached": True}
+    else:
+        kwargs = {"structure": variant} if ":" in variant else {"sparsity": float(variant)}
     t0 = time.perf_counter()
     res = bs.prune(dense, calib, method, num_samples=calib.shape[0], batch_size=4, seed=0, **kwargs)
     info = {"method": method}
@@ -185,7 +197,9 @@ def weights_bytes(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- one variant
-def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
+def run_variant(variant, model, info, prompt, prefill_ids, args, log, unpruned=None) -> dict:
+    """``unpruned``: the model before pruning, timed in the same rounds (for a structured cut, whose
+    speed-up is over the unpruned model rather than over its own weights in dense kernels)."""
     row = {"variant": variant, **info}
     sparse_dir, dense_dir = OUT / "tmp" / f"sparse-{variant}", OUT / "tmp" / f"dense-{variant}"
     for d in (sparse_dir, dense_dir):
@@ -218,9 +232,12 @@ def run_variant(variant, model, info, prompt, prefill_ids, args, log) -> dict:
         prefills = {"dense torch": lambda: torch_prefill_ms(model, prefill_ids),
                     "bs.to_sparse": lambda: torch_prefill_ms(fast, prefill_ids),
                     "onnxruntime": lambda: ort_prefill_ms(ort_lm, prefill_ids)}
+        if unpruned is not None:
+            impls[UNPRUNED] = lambda: torch_greedy(unpruned, prompt, NEW_TOKENS + 1)
+            prefills[UNPRUNED] = lambda: torch_prefill_ms(unpruned, prefill_ids)
         tps, pre, outs = defaultdict(list), defaultdict(list), {}
         warm = {"dense torch": lambda: torch_greedy(model, prompt, 3), "bs.to_sparse": lambda: torch_greedy(fast, prompt, 3),
-                "onnxruntime": lambda: ort_lm.greedy(prompt, 3)}
+                "onnxruntime": lambda: ort_lm.greedy(prompt, 3), UNPRUNED: lambda: torch_greedy(unpruned, prompt, 3)}
         for name in impls:  # warm-up (numba compile/cache load, onnxruntime arena): short runs
             warm[name]()
             prefills[name]()
@@ -352,6 +369,11 @@ def _load_range(rows: list[dict]) -> str:
     return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "not recorded"
 
 
+def _label(row: dict) -> str:
+    v = row["variant"]
+    return f"{v} ({row.get('method', '?')}: {float(v[2:]):.0%} of the head/FFN parameters removed)" if v.startswith("ch") else v
+
+
 def _logit_cells(res: dict) -> list[str]:
     """Max |logit diff| against dense torch (decode steps, full forward), then each one's error against float64."""
     diff, f64 = res["max_abs_logit_diff"], res.get("full_forward_error_vs_float64", {})
@@ -378,7 +400,7 @@ def section(rows: list[dict], args, ds_line: str) -> str:
         for t, res in r["threads"].items():
             d = res["decode_tokens_per_s"]
             p = res["prefill_ms"]
-            table.append([r["variant"], r.get("method", "?"), t, d["dense torch"], d["bs.to_sparse"], d["onnxruntime"],
+            table.append([_label(r), r.get("method", "?"), t, d["dense torch"], d["bs.to_sparse"], d["onnxruntime"],
                           f"{d['bs.to_sparse'] / d['dense torch']:.2f}x", p["dense torch"], p["bs.to_sparse"], p["onnxruntime"],
                           "yes" if all(res["same_greedy_tokens"].values()) else f"{res['same_greedy_tokens']}",
                           *_logit_cells(res)])
@@ -387,7 +409,8 @@ def section(rows: list[dict], args, ds_line: str) -> str:
         lines.append(f"\nMeasured at fewer thread counts: {', '.join(partial)} (on the shared cores a 2-thread run took "
                      "~15 minutes per variant, OpenMP spin-waits included; `--threads 1` was used for them).")
     all_dense = [f"{r['variant']} at {t}" for r in rows for t, res in r["threads"].items()
-                 if set(res["engines (decode/prefill): layers"]) <= {"dense/dense", "dense"}]
+                 if set(res["engines (decode/prefill): layers"]) <= {"dense/dense", "dense"}
+                 and not r["variant"].startswith("ch")]  # a structured cut has no sparse layer to time
     if all_dense:
         lines.append(f"\nWhere `to_sparse` measured dense fastest for every layer ({', '.join(all_dense)} thread(s)), "
                      "its model runs the same modules as dense torch: the two columns differ by measurement noise only.")
@@ -395,7 +418,18 @@ def section(rows: list[dict], args, ds_line: str) -> str:
                                   "to_sparse / dense", "prefill ms dense", "to_sparse", "onnxruntime",
                                   "same greedy tokens", "logit diff: decode steps", "full forward",
                                   "full forward vs float64: dense torch", "to_sparse"], table)]
-    sizes = [[r["variant"], r["size"]["sparse_dir_bytes"] / 2**20, r["size"]["dense_dir_bytes"] / 2**20,
+    cuts = [[_label(r), t, res["decode_tokens_per_s"][UNPRUNED], res["decode_tokens_per_s"]["dense torch"],
+             res["decode_tokens_per_s"]["bs.to_sparse"],
+             f"{res['decode_tokens_per_s']['dense torch'] / res['decode_tokens_per_s'][UNPRUNED]:.2f}x",
+             res["prefill_ms"][UNPRUNED], res["prefill_ms"]["dense torch"],
+             f"{res['prefill_ms'][UNPRUNED] / res['prefill_ms']['dense torch']:.2f}x"]
+            for r in rows for t, res in r["threads"].items() if UNPRUNED in res["decode_tokens_per_s"]]
+    if cuts:
+        lines += ["", "The structured cut against the model before pruning, timed in the same rounds (its layers are "
+                  "smaller, not sparse: to_sparse keeps them dense):", "",
+                  markdown_table(["cut", "threads", "decode tok/s unpruned", "pruned, dense torch", "pruned, bs.to_sparse",
+                                  "decode speed-up", "prefill ms unpruned", "pruned", "prefill speed-up"], cuts)]
+    sizes = [[_label(r), r["size"]["sparse_dir_bytes"] / 2**20, r["size"]["dense_dir_bytes"] / 2**20,
               f"{100 * r['size']['ratio']:.1f}%", r["size"]["bytes_per_nonzero"], ", ".join(r["size"]["encodings"])]
              for r in rows]
     lines += ["", "Directory sizes (all files; the tied 49152 x 576 embedding is stored once, dense, its float32 byte "
@@ -432,7 +466,7 @@ def section(rows: list[dict], args, ds_line: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--variants", default="0.5,0.7,2:4")
+    ap.add_argument("--variants", default="0.5,0.7,2:4,ch0.3")
     ap.add_argument("--method", default="sparsegpt")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=5)
@@ -479,7 +513,8 @@ def main() -> None:
         torch.set_num_threads(1)
         model, info = pruned_model(dense, variant, args.method, calib)
         log(f"{variant}: {info}")
-        rows.append(run_variant(variant, model, info, prompt, prefill_ids, args, log))
+        rows.append(run_variant(variant, model, info, prompt, prefill_ids, args, log,
+                                unpruned=dense if variant.startswith("ch") else None))
         rows[-1]["load"] = os.getloadavg()[0]
         (CACHE / "llm_inference.json").write_text(json.dumps(kept + rows, indent=1, default=str))
     rows = kept + rows

@@ -369,6 +369,26 @@ def test_onnx_greedy_decoding_matches_pytorch(tmp_path, pruned):
                        tmp_path / "b.onnx")
 
 
+def test_onnx_export_of_a_model_with_pruned_heads(tmp_path):
+    """Heads removed per layer (structure="channel"): each layer's cache has its own kv-head count, which the
+    graph's past inputs and OrtCausalLM's empty cache follow (the config's one count fit none of them)."""
+    from brainsurgeon.sparse.onnx import OrtCausalLM, export_hf_onnx
+
+    model = tiny_llama(seed=1, layers=3)
+    calib = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(3))
+    res = bs.prune(model, calib, "magnitude", 0.5, structure="channel", allocation="global")
+    kv = [layer.self_attn.k_proj.out_features // layer.self_attn.head_dim for layer in res.model.model.layers]
+    assert len(set(kv + [model.config.num_key_value_heads])) > 1, kv  # the layers really differ from the config
+    report = export_hf_onnx(res.model, tmp_path / "m.onnx")
+    assert report["max_abs_diff"] <= 1e-4
+    ort_lm = OrtCausalLM(tmp_path / "m.onnx", res.model.config, threads=1)
+    assert [past.shape[1] for past in ort_lm.empty_past()[::2]] == kv
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    tokens_ort, _ = ort_lm.greedy(ids, 10)
+    with torch.no_grad():
+        assert torch.equal(tokens_ort, res.model.generate(ids, max_new_tokens=10, do_sample=False))
+
+
 def test_gpt2_conv1d_layers_become_sparse_and_save_in_their_own_layout(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)

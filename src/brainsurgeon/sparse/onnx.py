@@ -124,9 +124,16 @@ class _CausalStep(nn.Module):
         return (out.logits, *present)
 
 
-def _kv_shape(config) -> tuple[int, int]:
-    heads = config.num_attention_heads
-    return getattr(config, "num_key_value_heads", None) or heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+def _kv_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(kv heads, head dim) of each layer's cache, read off a one-token forward.
+
+    Not from the config: a model whose heads were pruned (``structure="channel"``) keeps a different
+    number of kv heads in each layer, and the config's one number fits none of them.
+    """
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in getattr(out, key).layers]
 
 
 class OrtCausalLM:
@@ -139,8 +146,11 @@ class OrtCausalLM:
         if threads:
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.session.get_inputs()]
-        self.layers, (self.kv_heads, self.head_dim) = config.num_hidden_layers, _kv_shape(config)
+        inputs = self.session.get_inputs()
+        self.names = [i.name for i in inputs]
+        self.layers = config.num_hidden_layers
+        # each past's (1, kv heads, past, head dim) as the graph declares it: per layer, pruned heads included
+        self.past_shapes = [(1, i.shape[1], 0, i.shape[3]) for i in inputs[2:]]
 
     def step(self, ids: np.ndarray, start: int, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         pos = np.arange(start, start + ids.shape[1], dtype=np.int64)[None]
@@ -148,7 +158,7 @@ class OrtCausalLM:
         return out[0], out[1:]
 
     def empty_past(self) -> list[np.ndarray]:
-        return [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(2 * self.layers)]
+        return [np.zeros(shape, np.float32) for shape in self.past_shapes]
 
     def greedy(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float]]:
         """The prompt followed by ``new_tokens`` greedy tokens, and each decode step's seconds."""
@@ -181,8 +191,7 @@ def export_hf_onnx(model: nn.Module, path: str | Path, *, prompt_tokens: int = 8
     step = _CausalStep(to_dense(model).eval().float())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, prompt_tokens + 1), generator=g)
-    kv_heads, head_dim = _kv_shape(config)
-    empty = [torch.zeros(1, kv_heads, 0, head_dim) for _ in range(2 * step.layers)]
+    empty = [torch.zeros(1, kv_heads, 0, head_dim) for kv_heads, head_dim in _kv_shapes(step.model) for _ in "kv"]
     names = [f"past_{k}_{i}" for i in range(step.layers) for k in ("k", "v")]
     with torch.no_grad():
         prefill = step(ids[:, :prompt_tokens], torch.arange(prompt_tokens)[None], *empty)
