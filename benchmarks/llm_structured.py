@@ -66,7 +66,8 @@ def perplexity(model, ids, windows: int) -> float:
     return perplexity_of_ids(model, ids, 512, windows)["perplexity"]
 
 
-def append(row: dict, path: Path = RESULTS) -> None:
+def append(row: dict, path: Path | None = None) -> None:
+    path = path or RESULTS  # looked up now: --tag rebinds RESULTS after this module is loaded
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
