@@ -241,6 +241,7 @@ def test_batch_encoding_of_lists_and_ragged_refused():
 def test_truncation_is_warned_and_reported():
     import brainsurgeon as bs
 
-    with pytest.warns(UserWarning, match="first 4 of 6 sequences"):
+    with pytest.warns(UserWarning, match="first 4 of 6 sequences") as caught:
         res = bs.prune(tiny_llama(), tokens(6, 8), "wanda", 0.5, num_samples=4)
     assert res.report["calibration_samples"] == {"used": 4, "given": 6, "truncated": True}
+    assert {w.filename for w in caught} == {__file__}  # the warnings name the caller's line, not the library's

@@ -114,7 +114,8 @@ def test_measured_choice_is_the_fastest_measured_and_outputs_match():
     report = sparse.sparse_report
     for name in ("net.1", "net.3"):
         entry = report[name]
-        assert entry["engine"] == min(entry["times_ms"], key=entry["times_ms"].get)
+        # the report rounds times to 4 decimals: two engines may tie there, so compare times, not names
+        assert entry["times_ms"][entry["engine"]] == min(entry["times_ms"].values())
         csr = CSR.from_dense(model.get_submodule(name).weight)
         assert set(entry["times_ms"]) == {"dense", *(e for e in USABLE if get_engine(e).supports(csr) is None)}
         assert entry["speedup_vs_dense"] >= 1.0

@@ -448,8 +448,10 @@ def test_excluding_one_holder_of_a_tied_weight_excludes_the_weight():
     assert [(t.name, t.tied) for t in find_targets(model, ["2"])] == [("2", ("0.weight",))]
     with pytest.raises(BrainsurgeonError, match="tied to 2.weight"):  # K-FAC taps see one use only
         bs.prune(model, (x, y), "kfac-obd", 0.5)
-    res = bs.prune(model, (x, y), "kfac-obd", 0.5, layers={"exclude": ["0"]})
+    with pytest.warns(DataWarning, match="left dense") as caught:
+        res = bs.prune(model, (x, y), "kfac-obd", 0.5, layers={"exclude": ["0"]})
     assert list(res.report["layers"]) == ["4"] and torch.equal(res.model[0].weight, model[0].weight)
+    assert {w.filename for w in caught if w.category is DataWarning} == {__file__}  # the caller's line
 
 
 def _heads_output(att: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:

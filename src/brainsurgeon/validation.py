@@ -19,7 +19,7 @@ from torch import nn
 
 from .allocation import capped_sparsity, num_pruned, uniform_count
 from .data import Calibration
-from .errors import BrainsurgeonError
+from .errors import BrainsurgeonError, user_stacklevel
 from .targets import Target, unpruned_weights
 
 
@@ -198,7 +198,7 @@ def run_notes(model: nn.Module, targets: list[Target], calib: Calibration, opts,
             f"calibration data truncated: the first {calib.num_samples} of {given} samples are used "
             f"(num_samples={opts.num_samples}); pass num_samples=None to use all of them",
             DataWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     skipped = unpruned_weights(model, targets, layers)
     notes["not_pruned"] = skipped
@@ -207,7 +207,7 @@ def run_notes(model: nn.Module, targets: list[Target], calib: Calibration, opts,
             "weights no method prunes are left dense: "
             + ", ".join(f"{k} ({v})" for k, v in skipped.items()),
             DataWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     tied = {t.name: list(t.tied) for t in targets if t.tied}
     if tied:
@@ -227,6 +227,6 @@ def run_notes(model: nn.Module, targets: list[Target], calib: Calibration, opts,
                 f"uniform sparsity {opts.sparsity} would (nearly) empty layers; held at max_layer_sparsity="
                 f"{opts.max_layer_sparsity}: " + ", ".join(f"{k} -> {v:.4g}" for k, v in capped.items()),
                 DataWarning,
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
     return notes

@@ -78,7 +78,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BrainsurgeonError
+from ..errors import BrainsurgeonError, user_stacklevel
 
 IGNORE_INDEX = -100
 
@@ -544,7 +544,8 @@ def token_batches(data, model: nn.Module, batch_size: int = 8, num_samples: int 
     given = sum(b["input_ids"].shape[0] for b in checked)
     if num_samples is not None and given > num_samples:
         warnings.warn(f"calibration data truncated: the first {num_samples} of {given} sequences are used "
-                      f"(num_samples={num_samples}); pass num_samples=None to use all of them", stacklevel=2)
+                      f"(num_samples={num_samples}); pass num_samples=None to use all of them",
+                      stacklevel=user_stacklevel())
     batches, seen = [], 0
     for b in checked:
         for part in _split(b, batch_size):
