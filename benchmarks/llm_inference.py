@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ from common import CACHE
 import brainsurgeon as bs
 from brainsurgeon.sparse import SparseLinear
 from brainsurgeon.sparse.hf_dir import export_dense, load_any
-from brainsurgeon.sparse.onnx import OrtCausalLM, export_hf_onnx
+from brainsurgeon.sparse.onnx import OrtCausalLM, cache_argument, export_hf_onnx
 
 MODEL_DIR = Path.home() / ".cache" / "brainsurgeon" / "smollm2-135m-instruct"
 TEXT_DIR = Path.home() / ".cache" / "brainsurgeon" / "austen"
@@ -63,19 +62,15 @@ def tokens(tok, n_seq: int, seq_len: int, offset_chars: int = 0) -> torch.Tensor
 
 
 def pruned_model(dense: nn.Module, variant: str, method: str, calib: torch.Tensor) -> tuple[nn.Module, dict]:
-    """The model pruned at ``variant`` ("0.5", "0.7", "2:4"), from the cache or pruned now."""
+    """The model pruned at ``variant`` ("0.5", "0.7", "2:4", "ch0.3"), from the cache or pruned now."""
+    if variant.startswith("ch"):  # a structured cut: heads + FFN neurons removed and compacted
+        method, kwargs = STRUCTURED_METHOD, {"structure": "channel", "sparsity": float(variant[2:]), "allocation": "global"}
+    else:
+        kwargs = {"structure": variant} if ":" in variant else {"sparsity": float(variant)}
     path = OUT / f"{method}-{variant.replace(':', 'of')}-n{calib.shape[0]}x{calib.shape[1]}"
     if path.exists():
         info = json.loads((path / "bench_prune.json").read_text()) if (path / "bench_prune.json").exists() else {}
         return bs.load(path), {**info, "cached": True}
-    if variant.startswith("ch"):  # a structured cut: heads + FFN neurons removed and compacted
-        method, kwargs = STRUCTURED_METHOD, {"structure": "channel", "sparsity": float(variant[2:]), "allocation": "global"}
-        path = OUT / f"{method}-{variant}-n{calib.shape[0]}x{calib.shape[1]}"
-        if path.exists():
-            info = json.loads((path / "bench_prune.json").read_text()) if (path / "bench_prune.json").exists() else {}
-            return bs.load(path), {**info, "cached": True}
-    else:
-        kwargs = {"structure": variant} if ":" in variant else {"sparsity": float(variant)}
     t0 = time.perf_counter()
     res = bs.prune(dense, calib, method, num_samples=calib.shape[0], batch_size=4, seed=0, **kwargs)
     info = {"method": method}
@@ -87,10 +82,6 @@ def pruned_model(dense: nn.Module, variant: str, method: str, calib: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- runs
-def _cache_key(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
                  logits: list | None = None) -> tuple[torch.Tensor, list[float]]:
@@ -99,7 +90,7 @@ def torch_greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
     ``logits``: a list that receives every decode step's logits (the one-row products, where
     to_sparse's decode engines run), to compare against the dense kernels'.
     """
-    key = _cache_key(model)
+    key = cache_argument(model)
     out = model(input_ids=prompt, use_cache=True)
     cache, toks, times = getattr(out, key), [int(out.logits[0, -1].argmax())], []
     for _ in range(new_tokens - 1):

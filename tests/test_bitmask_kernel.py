@@ -158,10 +158,14 @@ def test_to_sparse_times_the_bitmask_engines():
 
 
 # ----------------------------------------------------------------------------- the build
-def test_compiled_for_this_cpu():
+def _cpu_has(*features: str) -> bool:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return all(f" {f}" in flags for f in features)
+
+
+def test_compiled_for_this_cpu():
     assert native.load() is not None, native.error()
-    expected = "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags and " fma" in flags else "scalar"
+    expected = "avx512" if _cpu_has("avx512f") else "avx2" if _cpu_has("avx2", "fma") else "scalar"
     assert native.isa() == expected
 
 
@@ -178,11 +182,6 @@ def test_kernels_share_torchs_openmp_runtime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     runtime, loaded = out[0], json.loads(out[1])
     assert runtime != "None" and loaded == [runtime]  # two runtimes would each keep a pool of spinning threads
-
-
-def _cpu_has(*features: str) -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return all(f" {f}" in flags for f in features)
 
 
 BUILDS = [pytest.param(["-O2", "-fPIC", "-std=gnu11"], 0, id="portable-scalar")]

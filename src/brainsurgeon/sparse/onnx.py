@@ -115,13 +115,18 @@ class _CausalStep(nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        # transformers >= 5.2x names the cache argument and output field "cache", earlier "past_key_values"
-        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        key = cache_argument(self.model)
         out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{key: cache})
         present = []
         for layer in getattr(out, key).layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of ``model.forward``'s KV-cache argument and output field: transformers >= 5.2x says
+    "cache", earlier versions "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _kv_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -130,10 +135,9 @@ def _kv_shapes(model: nn.Module) -> list[tuple[int, int]]:
     Not from the config: a model whose heads were pruned (``structure="channel"``) keeps a different
     number of kv heads in each layer, and the config's one number fits none of them.
     """
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in getattr(out, key).layers]
+    return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in getattr(out, cache_argument(model)).layers]
 
 
 class OrtCausalLM:
@@ -148,7 +152,6 @@ class OrtCausalLM:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         self.names = [i.name for i in inputs]
-        self.layers = config.num_hidden_layers
         # each past's (1, kv heads, past, head dim) as the graph declares it: per layer, pruned heads included
         self.past_shapes = [(1, i.shape[1], 0, i.shape[3]) for i in inputs[2:]]
 
