@@ -123,3 +123,65 @@ def test_bs_prune_leaves_the_process_threshold_as_it_found_it(monkeypatch, struc
         bs.prune(model, data, "magnitude", 0.5, batch_size=8)
     assert 1 << 20 in seen  # the call ran with large buffers mapped
     assert LIBC.threshold == 2 << 20
+
+
+class TrimCounter:
+    def __init__(self):
+        self.trims = 0
+
+    def trim(self):
+        self.trims += 1
+
+
+def test_heap_ceiling_trims_only_above_the_highest_post_trim_size_plus_slack(monkeypatch):
+    """The ceiling starts at the resident size plus the slack, and rises to each trim's result plus
+    the slack: pages freed below it stay resident for the next step."""
+    from brainsurgeon import memory
+
+    rss = [100]
+    monkeypatch.setattr(memory, "resident_bytes", lambda: rss[0])
+    libc = TrimCounter()
+    trim = memory.HeapCeiling(libc, slack=10)
+    for size in (105, 110):  # under or at the ceiling (110): no trim
+        rss[0] = size
+        trim()
+    assert libc.trims == 0
+    rss[0] = 111
+
+    def trimmed():  # the trim brings the resident size down to the live memory, here 150
+        libc.trims += 1
+        rss[0] = 150
+
+    libc.trim = trimmed
+    rss[0] = 170
+    trim()
+    assert libc.trims == 1 and trim.ceiling == 160
+    for size in (155, 160, 120):  # under the raised ceiling
+        rss[0] = size
+        trim()
+    assert libc.trims == 1
+    rss[0] = 161
+    trim()
+    assert libc.trims == 2 and trim.ceiling == 160  # never lowered
+
+
+def test_heap_ceiling_without_proc_trims_every_time(monkeypatch):
+    from brainsurgeon import memory
+
+    monkeypatch.setattr(memory, "resident_bytes", lambda: None)
+    libc = TrimCounter()
+    trim = memory.HeapCeiling(libc, slack=10)
+    for _ in range(3):
+        trim()
+    assert libc.trims == 3
+
+
+def test_resident_bytes_reads_this_process():
+    import psutil
+
+    from brainsurgeon import memory
+
+    rss = memory.resident_bytes()
+    if rss is None:
+        pytest.skip("no /proc/self/statm here")
+    assert abs(rss - psutil.Process().memory_info().rss) < 64 << 20

@@ -350,6 +350,7 @@ def walk_blocks(
     together = together and not paired  # error correction: partial passes over both the pruned and the dense blocks
     blocks = plan.blocks if track is None else track(plan.blocks, "blocks", total=len(plan.blocks))
     model_dtype = _block_dtype(model)  # for blocks without parameters (activations of a Sequential)
+    trim = LIBC.trimmer(LOCKSTEP_TRIM_SLACK)  # one ceiling for the walk: every block's live memory peaks alike
     for bname, block, targets in blocks:
         hooks.before_block(bname, block)
         dtype = _block_dtype(block) or model_dtype
@@ -366,7 +367,7 @@ def walk_blocks(
                 ref_hidden = hooks.store(_advance(ref_block, run.calls, ref_hidden, run.dtype, activations_dtype))
             plan.passes += 1
         else:
-            hidden = hooks.store(_lockstep_block(run, groups, hidden, activations_dtype, with_hessian, solve))
+            hidden = hooks.store(_lockstep_block(run, groups, hidden, activations_dtype, with_hessian, solve, trim))
             plan.passes += 1
             plan.lockstep_blocks += 1
         del run
@@ -374,10 +375,12 @@ def walk_blocks(
 
 
 #: during a lockstep pass, allocations under this many bytes come from the heap (see _lockstep_block)
-LOCKSTEP_HEAP_BUFFERS = 16 << 20
+LOCKSTEP_HEAP_BUFFERS = 32 << 20
+#: during a lockstep pass, freed heap memory stays resident up to this much over the live memory's high
+LOCKSTEP_TRIM_SLACK = 32 << 20
 
 #: above this many cached batches the groups are calibrated by partial passes instead of in lockstep
-#: (one thread per batch is alive during a block's pass)
+#: (one greenlet per batch, with its paused forward, is alive during a block's pass)
 MAX_LOCKSTEP_BATCHES = 256
 #: the paused forwards of a lockstep pass hold about this many times the cached activations (measured
 #: 6x on SmolLM2: residual, the attention's or the FFN's input and the FFN's hidden activations; 8
@@ -390,7 +393,7 @@ LOCKSTEP_MEMORY_SHARE = 0.25
 def use_lockstep(lockstep, hidden: list[torch.Tensor]) -> tuple[bool, str]:
     """(whether to calibrate in lockstep, why): True/False as asked; "auto" by the memory estimate."""
     if len(hidden) > MAX_LOCKSTEP_BATCHES:
-        return False, f"{len(hidden)} cached batches (lockstep runs one thread per batch, at most {MAX_LOCKSTEP_BATCHES})"
+        return False, f"{len(hidden)} cached batches (lockstep runs one greenlet per batch, at most {MAX_LOCKSTEP_BATCHES})"
     if lockstep is not True and lockstep is not False:
         import psutil
 
@@ -467,11 +470,12 @@ class Shadow:
                 getattr(self.module(t), t.attr).copy_(getattr(t.module, t.attr))
 
 
-def _lockstep_block(shadow: Shadow, groups, hidden, activations_dtype, with_hessian, solve) -> list[torch.Tensor]:
+def _lockstep_block(shadow: Shadow, groups, hidden, activations_dtype, with_hessian, solve,
+                    trim: Callable[[], None]) -> list[torch.Tensor]:
     """One pass of the block (``shadow.block``) over every cached batch (``brainsurgeon.lockstep``):
     each batch pauses at every group's first input; once all have paused there, the group's
     statistics (added in batch order) are complete and it is solved before any batch goes on.
-    Returns the outputs."""
+    ``trim`` is called after every step (``memory.HeapCeiling``). Returns the outputs."""
     block, calls, dtype = shadow.block, shadow.calls, shadow.dtype
 
     def run(i: int) -> torch.Tensor:
@@ -479,15 +483,15 @@ def _lockstep_block(shadow: Shadow, groups, hidden, activations_dtype, with_hess
         y = call_block(block, calls[i], h, dtype).detach()
         return y if activations_dtype is None else y.to(activations_dtype)
 
-    # Each worker thread allocates from a glibc arena of its own, which keeps what the worker's
-    # forward freed (attention scratch, temporaries) while it is paused: given back after every
-    # step. Buffers under LOCKSTEP_HEAP_BUFFERS come from the heap during the pass (the call
-    # otherwise maps everything from 1 MiB up, see engine.working_context), so a step reuses the
-    # memory the previous one freed instead of page-faulting fresh mappings. Measured, sparsegpt 50%
-    # on SmolLM2-135M, 128 x 512 tokens, bfloat16 forwards, 2 threads (time; RSS increase of the
-    # call): 1 MiB threshold 71.6 s, +1018 MB; 16 MiB 59.4 s, +1018 MB; 64 MiB 58.7 s, +1026 MB;
-    # 64 MiB trimmed every 8th step 56.5 s, +1200 MB; never trimmed 46.8 s, +2126 MB.
-    with LIBC.heap_buffers_below(LOCKSTEP_HEAP_BUFFERS), Lockstep(len(calls), run, after_step=LIBC.trim) as steps:
+    # Buffers under LOCKSTEP_HEAP_BUFFERS come from the heap during the pass (the call otherwise
+    # maps everything from 1 MiB up, see engine.working_context), so that a step reuses the memory
+    # the previous batch's step freed instead of faulting in fresh mappings; the heap is trimmed
+    # only when the resident memory rises LOCKSTEP_TRIM_SLACK over what the live buffers have
+    # needed so far (memory.HeapCeiling). Measured, sparsegpt 50% on SmolLM2-135M, 64 x 512
+    # tokens in batches of 8, 2 threads (time; RSS increase of the call): 16 MiB, trimmed after
+    # every step 120.0 s, +1023 MB; 16 MiB under the ceiling 106.1 s, +1039 MB; 32 MiB (the FFN's
+    # 25 MB activations from the heap too) under the ceiling 102.6 s, +1023 MB.
+    with LIBC.heap_buffers_below(LOCKSTEP_HEAP_BUFFERS), Lockstep(len(calls), run, after_step=trim) as steps:
         handles = [register_input_capture(block, shadow.module(g[0]), lambda rows, k=k: steps.pause(k, rows))
                    for k, g in enumerate(groups)]
         try:
