@@ -52,7 +52,7 @@ def test_linear_hessian_matches_xxt_over_all_rows():
 
 @pytest.mark.parametrize("d", [1, 7, 256, 257, 700])
 def test_add_gram_is_the_full_product_summed_in_float64_and_exactly_symmetric(d):
-    from brainsurgeon.curvature.layer_inputs import add_gram
+    from brainsurgeon.curvature.layer_inputs import add_gram, mirror_upper
 
     torch.manual_seed(d)
     x = torch.randn(300, d)
@@ -60,10 +60,13 @@ def test_add_gram_is_the_full_product_summed_in_float64_and_exactly_symmetric(d)
     start = start + start.T  # accumulates onto what is there
     acc = start.clone()
     add_gram(acc, x)
+    add_gram(acc, x[:100])  # a second batch
+    mirror_upper(acc)
     x64 = x.double()
+    want = start + x64.T @ x64 + x64[:100].T @ x64[:100]
     # float32 products (inner dimension 300) summed in float64: float32 rounding of each entry
-    torch.testing.assert_close(acc, start + x64.T @ x64, rtol=1e-5, atol=1e-4 * float(x64.square().sum(0).max()) ** 0.5)
-    assert torch.equal(acc - start, (acc - start).T)
+    torch.testing.assert_close(acc, want, rtol=1e-5, atol=1e-4 * float(x64.square().sum(0).max()) ** 0.5)
+    assert torch.equal(acc, acc.T)
 
 
 @pytest.mark.parametrize("kw", [dict(stride=1, padding=0), dict(stride=2, padding=1, dilation=2), dict(padding="same")])
