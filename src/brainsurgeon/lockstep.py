@@ -65,8 +65,6 @@ class Lockstep:
 
     # ------------------------------------------------------------------ inside the workers
     def _body(self, i: int) -> tuple:
-        if self._aborting:
-            return ("aborted",)
         try:
             return ("done", self._run(i))
         except _Abort:

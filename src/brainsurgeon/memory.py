@@ -101,7 +101,7 @@ class HeapCeiling:
     1200 steps); never trimmed 90.7 s, +1327 MB. Without /proc, every call trims."""
 
     def __init__(self, libc: _Glibc, slack: int) -> None:
-        self.libc, self.slack, self.trims = libc, slack, 0
+        self.libc, self.slack = libc, slack
         now = resident_bytes()
         self.ceiling = None if now is None else now + slack
 
@@ -110,7 +110,6 @@ class HeapCeiling:
         if now is not None and now <= self.ceiling:
             return
         self.libc.trim()
-        self.trims += 1
         after = resident_bytes()
         if after is not None and self.ceiling is not None:
             self.ceiling = max(self.ceiling, after + self.slack)

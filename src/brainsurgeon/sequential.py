@@ -486,12 +486,10 @@ def _lockstep_block(shadow: Shadow, groups, hidden, activations_dtype, with_hess
 
     # Buffers under LOCKSTEP_HEAP_BUFFERS come from the heap during the pass (the call otherwise
     # maps everything from 1 MiB up, see engine.working_context), so that a step reuses the memory
-    # the previous batch's step freed instead of faulting in fresh mappings; the heap is trimmed
-    # only when the resident memory rises LOCKSTEP_TRIM_SLACK over what the live buffers have
-    # needed so far (memory.HeapCeiling). Measured, sparsegpt 50% on SmolLM2-135M, 64 x 512
-    # tokens in batches of 8, 2 threads (time; RSS increase of the call): 16 MiB, trimmed after
-    # every step 120.0 s, +1023 MB; 16 MiB under the ceiling 106.1 s, +1039 MB; 32 MiB (the FFN's
-    # 25 MB activations from the heap too) under the ceiling 102.6 s, +1023 MB.
+    # the previous batch's step freed instead of faulting in fresh mappings; ``trim`` keeps that
+    # memory under a ceiling (memory.HeapCeiling, with its measurements). At 32 MiB the FFN's 25 MB
+    # activations (8 x 512 tokens) come from the heap too: sparsegpt 50% on SmolLM2-135M, 64 x 512
+    # tokens, 2 threads, 106.1 s at 16 MiB, 102.6 s at 32 MiB, the same RSS.
     with LIBC.heap_buffers_below(LOCKSTEP_HEAP_BUFFERS), Lockstep(len(calls), run, after_step=trim) as steps:
         handles = [register_input_capture(block, shadow.module(g[0]), lambda rows, k=k: steps.pause(k, rows))
                    for k, g in enumerate(groups)]
