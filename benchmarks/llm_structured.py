@@ -74,27 +74,34 @@ def append(row: dict, path: Path | None = None) -> None:
     print(json.dumps(row), flush=True)
 
 
-def run_cell(model, calib, ids, method: str, sparsity: float, args) -> dict:
+def run_cells(model, calib, ids, method: str, sparsities: list[float], args):
+    """One row per sparsity from ``bs.prune_sweep``: the criterion's statistics are gathered once
+    and each sparsity is allocated, compensated, compacted and measured on its own copy (each
+    result is what ``bs.prune`` at that sparsity gives); ``prune_s`` is the shared time plus the
+    cell's own, what one ``bs.prune`` call would have taken."""
     import brainsurgeon as bs
 
-    t0 = time.perf_counter()
     opts = {}
     if method == "fisher-mask" and args.tune_samples:
         opts["tune_samples"] = args.tune_samples
-    res = bs.prune(model, calib, method, sparsity, structure="channel", allocation="global",
-                   batch_size=args.batch_size, round_to=args.round_to, **opts)
-    prune_s = time.perf_counter() - t0
-    cost = res.report["cost"]
-    return {
-        "method": method, "sparsity": sparsity, "achieved": res.report["overall"]["achieved_sparsity"],
-        "ppl": perplexity(res.model, ids, args.windows), "flops_ratio": cost["flops_ratio"],
-        "prefill_speedup": cost["speedup"].get("prefill"), "decode_speedup": cost["speedup"].get("decode"),
-        "heads_removed": res.report["overall"]["heads_removed"], "neurons_removed": res.report["overall"]["neurons_removed"],
-        "prune_s": prune_s, "num_samples": res.report["options"]["num_samples"], "round_to": args.round_to,
-        "tune_samples": opts.get("tune_samples"),
-        **({"_model": res.model} if args.finetune_epochs else {}),
-        **({"saved": save_model(res.model, method, sparsity, args)} if args.save_models else {}),
-    }
+    for res in bs.prune_sweep(model, calib, method, sparsities, structure="channel", allocation="global",
+                              batch_size=args.batch_size, round_to=args.round_to, **opts):
+        cost, sparsity = res.report["cost"], sparsities[res.report["sweep"]["index"]]
+        yield {
+            "method": method, "sparsity": sparsity, "achieved": res.report["overall"]["achieved_sparsity"],
+            "ppl": perplexity(res.model, ids, args.windows), "flops_ratio": cost["flops_ratio"],
+            "prefill_speedup": cost["speedup"].get("prefill"), "decode_speedup": cost["speedup"].get("decode"),
+            "heads_removed": res.report["overall"]["heads_removed"], "neurons_removed": res.report["overall"]["neurons_removed"],
+            "prune_s": res.report["timings"]["total_s"], "shared_s": res.report["sweep"]["shared_s"],
+            "num_samples": res.report["options"]["num_samples"], "round_to": args.round_to,
+            "tune_samples": opts.get("tune_samples"),
+            **({"_model": res.model} if args.finetune_epochs else {}),
+            **({"saved": save_model(res.model, method, sparsity, args)} if args.save_models else {}),
+        }
+
+
+def run_cell(model, calib, ids, method: str, sparsity: float, args) -> dict:
+    return next(run_cells(model, calib, ids, method, [sparsity], args))
 
 
 def save_model(model, method: str, sparsity: float, args) -> str:
@@ -272,18 +279,27 @@ def main(argv=None) -> None:
     ids = eval_ids(tok, held)
     if not args.skip_dense and not any(r["method"] == "dense" for r in read_results()):
         append({"method": "dense", "sparsity": 0.0, "ppl": perplexity(model, ids, args.windows), "num_samples": None})
-    for s in [float(v) for v in args.sparsities.split(",")]:
-        for method in args.methods.split(","):
-            tag = f"{method}+ft" if args.finetune_epochs else method
-            done = {(r["method"], r["sparsity"], r.get("num_samples")) for r in read_results()}  # other processes' cells
-            if (tag, s, args.num_samples) in done:
-                continue
-            run = run_peer if method.startswith("tp-") else (run_finetuned if args.finetune_epochs else run_cell)
+    command = "python benchmarks/llm_structured.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for method in args.methods.split(","):
+        tag = f"{method}+ft" if args.finetune_epochs else method
+        done = {(r["method"], r["sparsity"], r.get("num_samples")) for r in read_results()}  # other processes' cells
+        todo = [s for s in (float(v) for v in args.sparsities.split(",")) if (tag, s, args.num_samples) not in done]
+        if todo and not method.startswith("tp-") and not args.finetune_epochs:
+            try:  # one sweep: the statistics once for every sparsity
+                for row in run_cells(model, calib, ids, method, todo, args):
+                    append({**row, "command": command})
+                    todo.remove(row["sparsity"])
+            except Exception as e:  # a failed cell is recorded, the others still run
+                append({"method": tag, "sparsity": todo.pop(0), "error": f"{type(e).__name__}: {e}",
+                        "num_samples": args.num_samples, "command": command})
+            continue
+        for s in todo:
+            run = run_peer if method.startswith("tp-") else run_finetuned
             try:
                 row = run(model, calib, ids, method, s, args)
             except Exception as e:  # a failed cell is recorded, the others still run
                 row = {"method": tag, "sparsity": s, "error": f"{type(e).__name__}: {e}", "num_samples": args.num_samples}
-            append({**row, "command": "python benchmarks/llm_structured.py " + " ".join(sys.argv[1:] if argv is None else argv)})
+            append({**row, "command": command})
 
 
 def _tuned_on(rows: list[dict]) -> str:

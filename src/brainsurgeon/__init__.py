@@ -1,10 +1,10 @@
 """brainsurgeon: prune PyTorch networks by the curvature of the loss or by classic criteria."""
-from .api import prune
+from .api import prune, prune_sweep
 from .engine import PruneResult
 from .errors import BrainsurgeonError, MemoryBudgetError
 from .registry import methods, register
 
-__all__ = ["prune", "methods", "register", "PruneResult", "BrainsurgeonError", "MemoryBudgetError"]
+__all__ = ["prune", "prune_sweep", "methods", "register", "PruneResult", "BrainsurgeonError", "MemoryBudgetError"]
 __version__ = "0.1.0"
 from .sparse import export_dense, load, save, to_sparse  # noqa: E402
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -130,19 +130,81 @@ def prune(
     hf = is_hf_model(model)
     batch_size = (DEFAULT_TOKEN_BATCH if hf else DEFAULT_BATCH) if batch_size is None else batch_size
     if structure == "channel":
-        if schedule != "oneshot" or finetune is not None or steps is not None:
-            raise BrainsurgeonError("structure='channel' prunes one-shot: leave schedule, steps and finetune out")
-        return _prune_channels(
-            model, data, method, sparsity, hf, batch_size=batch_size, compact=True if compact is None else compact,
-            round_to=round_to, recalibrate_bn="auto" if recalibrate_bn is None else recalibrate_bn,
-            method_options=method_options, **common,
-        )
+        return _prune_channels(model, data, method, sparsity, hf, batch_size=batch_size, method_options=method_options,
+                               **_channel_options(schedule, steps, finetune, compact, round_to, recalibrate_bn), **common)
     for name, value in (("compact", compact), ("round_to", round_to), ("recalibrate_bn", recalibrate_bn)):
         if value is not None:
             raise BrainsurgeonError(f"{name}= applies to structure='channel' only (whole units removed)")
     run = prune_hf if hf else _run_schedule
     return run(model, data, method, sparsity, structure=structure, batch_size=batch_size, schedule=schedule,
                steps=steps, finetune=finetune, **common, **method_options)
+
+
+def _channel_options(schedule, steps, finetune, compact, round_to, recalibrate_bn) -> dict:
+    if schedule != "oneshot" or finetune is not None or steps is not None:
+        raise BrainsurgeonError("structure='channel' prunes one-shot: leave schedule, steps and finetune out")
+    return dict(compact=True if compact is None else compact, round_to=round_to,
+                recalibrate_bn="auto" if recalibrate_bn is None else recalibrate_bn)
+
+
+def prune_sweep(model: nn.Module, data, method: str = "magnitude", sparsities=(0.1, 0.2, 0.3, 0.4), **kwargs) -> Iterator[PruneResult]:
+    """``bs.prune`` at each of ``sparsities``, the statistics computed once where the method allows it.
+
+    Heads and FFN neurons of an HF transformer (``structure="channel"``): a criterion's statistics
+    (Fisher diagonal or mask Fisher, K-FAC factors, input moments, gradients) depend on the dense
+    model and the data only, so they are gathered once; each sparsity then gets its own
+    allocation, selection, compensation, compaction and measured cost on a fresh copy of the
+    dense model, and each result is the one ``bs.prune`` gives at that sparsity. Every other path
+    depends on the budget through its statistics (layer-wise methods calibrate each block on the
+    pruned outputs of the blocks before it; schedules re-estimate between rounds), so it calls
+    ``bs.prune`` once per sparsity. Each report's ``sweep`` says which was done.
+
+    ``kwargs`` are ``bs.prune``'s (no ``sparsity``). The sparsities are checked now, and on the
+    shared path every option, the data and each budget's reachability too; the work is done as
+    the returned iterator is advanced, one result at a time (``list(...)`` keeps every model).
+    """
+    values = _checked_sparsities(sparsities)
+    if "sparsity" in kwargs:
+        raise BrainsurgeonError("prune_sweep takes sparsities=[...], not sparsity=")
+    from .adapters.hf import is_hf_model
+
+    if kwargs.get("structure") == "channel" and kwargs.get("offload") is None and is_hf_model(model):
+        return _shared_sweep(model, data, method, values, **kwargs)
+    return _separate_sweep(model, data, method, values, kwargs)
+
+
+def _checked_sparsities(sparsities) -> list[float]:
+    import numbers
+
+    if isinstance(sparsities, (str, bytes)) or not hasattr(sparsities, "__iter__"):
+        raise BrainsurgeonError(f"sparsities must be a list of numbers in [0, 1), got {sparsities!r}")
+    values = list(sparsities)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1]
+    if not values or bad:
+        raise BrainsurgeonError(f"sparsities must be a non-empty list of numbers in [0, 1); {bad or 'none'} given")
+    return [float(v) for v in values]
+
+
+def _shared_sweep(model, data, method, sparsities, *, structure, allocation=None, max_layer_sparsity=0.99,
+                  loss_fn=None, num_samples=None, damping=None, layers=None, seed=0, device="cpu", batch_size=None,
+                  progress=None, schedule="oneshot", steps=None, finetune=None, compact=None, round_to=None,
+                  recalibrate_bn=None, offload=None, **method_options):
+    from .structured.transformer_engine import sweep_transformer
+
+    return sweep_transformer(
+        model, data, method, sparsities, allocation=allocation or "global", max_layer_sparsity=max_layer_sparsity, loss_fn=loss_fn,
+        num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device, progress=progress,
+        batch_size=DEFAULT_TOKEN_BATCH if batch_size is None else batch_size, method_options=method_options,
+        **_channel_options(schedule, steps, finetune, compact, round_to, recalibrate_bn),
+    )
+
+
+def _separate_sweep(model, data, method, sparsities, kwargs) -> Iterator[PruneResult]:
+    for i, s in enumerate(sparsities):
+        res = prune(model, data, method, s, **kwargs)
+        res.report["sweep"] = {"sparsities": sparsities, "index": i, "shared": [],
+                               "why": "the statistics depend on the budget on this path: one bs.prune per sparsity"}
+        yield res
 
 
 def _prune_path(model, data, method, sparsity, *, offload, out, offload_activations, resume, force, **kwargs) -> PruneResult:

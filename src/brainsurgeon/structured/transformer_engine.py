@@ -17,7 +17,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -153,20 +153,72 @@ def transformer_methods() -> list[str]:
 _OWN_OPTIONS = ("flops_target", "latency_target", "prune_query_heads", "allow_empty_attention", "uniform", "measure_latency")
 
 
-def prune_transformer(
-    model: nn.Module, data, method: str, sparsity, *, allocation: str, max_layer_sparsity, loss_fn, num_samples,
+def prune_transformer(model: nn.Module, data, method: str, sparsity, **kwargs):
+    """Remove heads and FFN neurons of an HF transformer; see the module docstring and ``bs.prune``."""
+    run = _setup(model, data, method, [sparsity], **kwargs)
+    _statistics(run)
+    return _finish(run, run.tctx, 0, run.t_start)
+
+
+def sweep_transformer(model: nn.Module, data, method: str, sparsities: list[float], **kwargs) -> Iterator:
+    """``prune_transformer`` at each of ``sparsities`` with the criterion's statistics computed once
+    (``bs.prune_sweep``). Everything is validated now, every budget's reachability included; the
+    statistics are computed when the iterator is first advanced, then each budget is allocated,
+    selected, compensated and compacted on a fresh copy of the dense model, so that each result
+    equals ``prune_transformer`` at that sparsity (the criteria keep no state a budget changes)."""
+    opts = kwargs["method_options"]
+    for k in ("flops_target", "latency_target"):
+        if opts.get(k) is not None:
+            raise BrainsurgeonError(f"prune_sweep sweeps sparsity: leave {k} out (or call bs.prune once per target)")
+    return _sweep(_setup(model, data, method, list(sparsities), **kwargs))
+
+
+def _sweep(run: "_Run") -> Iterator:
+    _statistics(run)
+    shared_s = time.perf_counter() - run.t_start  # set-up and statistics, paid once
+    for i in range(len(run.budgets)):
+        t0 = time.perf_counter()
+        res = _finish(run, _fresh_context(run), i, t0 - shared_s)
+        res.report["sweep"] = {"sparsities": [1 - b.keep for b in run.budgets], "index": i, "shared": ["statistics"],
+                               "shared_s": shared_s}
+        yield res
+
+
+@dataclass
+class _Run:
+    """What every budget of one call shares: the options, the working copy (scored by
+    ``_statistics``), the dense copy costs are measured against, and each budget's unit costs."""
+
+    tctx: TransformerContext
+    algo: TransformerMethod
+    dense: nn.Module
+    opts: dict
+    budgets: list[Budget]
+    costs: list[tuple[dict, float]]  # (per-unit costs, cost to remove) per budget
+    allocation: str
+    cap: float
+    compact: bool
+    round_to: int | None
+    training: bool
+    t_start: float
+
+    @property
+    def allow_empty(self) -> bool:
+        return bool(self.opts.get("allow_empty_attention", False))
+
+
+def _setup(
+    model: nn.Module, data, method: str, sparsities: list, *, allocation: str, max_layer_sparsity, loss_fn, num_samples,
     damping, layers, seed, device, batch_size, progress, compact: bool, method_options: dict, round_to=None,
     recalibrate_bn="auto",
-):
-    """Remove heads and FFN neurons of an HF transformer; see the module docstring and ``bs.prune``."""
-    from ..engine import PruneResult
-
+) -> _Run:
+    """Validate, copy the model, find its units, validate the calibration tokens and check that every
+    budget is reachable under the caps: all before any long work."""
     t_start = time.perf_counter()
     opts = {k: method_options.pop(k) for k in _OWN_OPTIONS if k in method_options}
-    budget = parse_budget(sparsity, opts.get("flops_target"), opts.get("latency_target"))
+    budgets = [parse_budget(s, opts.get("flops_target"), opts.get("latency_target")) for s in sparsities]
     _check_options(allocation, max_layer_sparsity, layers, loss_fn, compact, round_to, recalibrate_bn, opts)
-    cls = method_class(method)
-    algo = cls.create(**method_options)
+    algo = method_class(method).create(**method_options)
     from ..adapters.hf import TokenView, token_batches
 
     work = copy.deepcopy(model).to(device).eval()
@@ -176,8 +228,17 @@ def prune_transformer(
     calib = Calibration(token_batches(data, work, batch_size=int(batch_size), num_samples=num_samples)).to(device)
     tctx = TransformerContext(work, view, units, calib, view.loss_fn, damping, int(seed), progress_enabled(progress))
     allow_empty = bool(opts.get("allow_empty_attention", False))
+    costs = [_reachable(tctx, b, allow_empty, max_layer_sparsity) for b in budgets]
+    tctx.dense_costs = UnitCosts.of(units, cost_seq_len(work))
+    tctx.dense_params = tctx.dense_costs.total(units, "params")
+    return _Run(tctx, algo, copy.deepcopy(work), opts, budgets, costs, allocation, max_layer_sparsity, compact,
+                round_to, model.training, t_start)
+
+
+def _reachable(tctx, budget: Budget, allow_empty: bool, cap) -> tuple[dict, float]:
+    units = tctx.layers
     unit_cost, remove, dense_cost = _budget_costs(tctx, budget, allow_empty)
-    heads, neurons = candidates(units, {k: torch.zeros(_n(units, k)) for k in _keys(units)}, unit_cost, max_layer_sparsity, allow_empty)
+    heads, neurons = candidates(units, {k: torch.zeros(_n(units, k)) for k in _keys(units)}, unit_cost, cap, allow_empty)
     reachable = max_removable(heads, neurons)
     if remove > reachable * (1 + 1e-9):
         raise BrainsurgeonError(
@@ -185,35 +246,62 @@ def prune_transformer(
             f"{reachable:.4g} ({1 - reachable / dense_cost:.3f} of the cost at least stays); raise max_layer_sparsity, "
             "pass allow_empty_attention=True, or relax the target"
         )
-    dense = copy.deepcopy(work)
-    tctx.dense_costs = UnitCosts.of(units, cost_seq_len(work))
-    tctx.dense_params = tctx.dense_costs.total(units, "params")
-    torch.manual_seed(int(seed))
-    with tctx.timer("statistics"):
-        tctx.scores = _checked_scores(algo, tctx)
-    counts, rounded = _allocate(tctx, algo, unit_cost, remove, allocation, max_layer_sparsity, allow_empty, round_to)
+    return unit_cost, remove
+
+
+def _statistics(run: _Run) -> None:
+    torch.manual_seed(run.tctx.seed)
+    with run.tctx.timer("statistics"):
+        run.tctx.scores = _checked_scores(run.algo, run.tctx)
+
+
+def _fresh_context(run: _Run) -> TransformerContext:
+    """A context over a fresh copy of the dense model carrying the shared scores, notes, damping
+    records and timings (a budget's compensation changes only its own copy)."""
+    from dataclasses import replace
+
+    from ..adapters.hf import TokenView
+
+    base = run.tctx
+    work = copy.deepcopy(run.dense)
+    tctx = replace(base, model=work, view=TokenView(work), layers=layer_units(work, bool(run.opts.get("prune_query_heads", False))),
+                   numerics=copy.deepcopy(base.numerics), timer=Timings(), notes=list(base.notes))
+    tctx.timer.seconds.update(base.timer.seconds)
+    tctx.scores = base.scores
+    if hasattr(base, "latency_table"):
+        tctx.latency_table = base.latency_table
+    return tctx
+
+
+def _finish(run: _Run, tctx: TransformerContext, i: int, t_start: float):
+    """Budget ``i`` on ``tctx``'s model: allocation, selection, compensation, compaction, cost, report."""
+    from ..engine import PruneResult
+
+    algo, work, budget = run.algo, tctx.model, run.budgets[i]
+    unit_cost, remove = run.costs[i]
+    counts, rounded = _allocate(tctx, algo, unit_cost, remove, run.allocation, run.cap, run.allow_empty, run.round_to)
     with tctx.timer("solve"):
         keep = algo.select(tctx, counts)
         algo.compensate(tctx, keep)
     skipped = []
-    if compact:
-        skipped = compact_units(units, keep, allow_empty)
+    if run.compact:
+        skipped = compact_units(tctx.layers, keep, run.allow_empty)
     else:
-        if not allow_empty and any(not keep[u.heads_key].any() for u in units):
+        if not run.allow_empty and any(not keep[u.heads_key].any() for u in tctx.layers):
             raise BrainsurgeonError("a layer would lose every head; pass allow_empty_attention=True")
-        zero_units(units, keep)
+        zero_units(tctx.layers, keep)
     for p in work.parameters():
         if not torch.isfinite(p).all():
-            raise RuntimeError(f"method {method!r} produced non-finite weights")
+            raise RuntimeError(f"method {algo.name!r} produced non-finite weights")
     with tctx.timer("measure"):
-        cost = measure_cost(dense, work, bool(opts.get("measure_latency", True)))
-    report = _report(tctx, algo, budget, keep, skipped, rounded, cost, compact, allocation, max_layer_sparsity, t_start)
-    report["options"].update(round_to=round_to, **opts)
+        cost = measure_cost(run.dense, work, bool(run.opts.get("measure_latency", True)))
+    report = _report(tctx, algo, budget, keep, skipped, rounded, cost, run.compact, run.allocation, run.cap, t_start)
+    report["options"].update(round_to=run.round_to, **run.opts)
     if budget.kind == "latency":
         report["latency_table"] = tctx.latency_table
-    if opts.get("uniform"):
-        report["config"] = write_uniform_config(work, units, keep)
-    work.train(model.training)
+    if run.opts.get("uniform"):
+        report["config"] = write_uniform_config(work, tctx.layers, keep)
+    work.train(run.training)
     return PruneResult(model=work, report=report, masks={k: v.clone() for k, v in keep.items()})
 
 
