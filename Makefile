@@ -55,12 +55,12 @@ bench-llm: prepare-llm
 bench-llm-inference: prepare-llm
 	$(PY) benchmarks/llm_inference.py
 
-# heads + FFN neurons of SmolLM2-135M (needs prepare-llm); cells are appended to runs/llm_structured/results.jsonl
-# as they finish and skipped when present, then the BENCHMARKS.md section is written from them
+# heads + FFN neurons of SmolLM2-135M (needs prepare-llm); each criterion is one bs.prune_sweep over the
+# sparsities (statistics once); cells are appended to runs/llm_structured/results.jsonl as they finish and
+# skipped when present, then the BENCHMARKS.md section is written from them
 .PHONY: bench-llm-structured
 bench-llm-structured: prepare-llm
-	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,tp-magnitude --sparsities 0.2,0.3 --save-models $(HOME)/.cache/brainsurgeon/structured-models
-	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,taylor,obd,reconstruction,tp-magnitude,tp-taylor --sparsities 0.1,0.2,0.3,0.4 --save-models $(HOME)/.cache/brainsurgeon/structured-models
+	$(PY) benchmarks/llm_structured.py --methods fisher-mask,kfac-obs,flap,magnitude,taylor,obd,reconstruction,tp-magnitude,tp-taylor --sparsities 0.1,0.2,0.3,0.4 --tune-samples 32 --save-models $(HOME)/.cache/brainsurgeon/structured-models
 	$(PY) benchmarks/llm_structured.py --methods fisher-mask --sparsities 0.2,0.3 --finetune-epochs 2 --finetune-lr 5e-5
 	$(PY) benchmarks/llm_structured.py --retime --threads 1
 	$(PY) benchmarks/llm_structured.py --record

@@ -1,4 +1,4 @@
-"""``bs.prune``: the public entry point. It dispatches, and does nothing else:
+"""``bs.prune`` and ``bs.prune_sweep``: the public entry points. They dispatch, and do nothing else:
 
 * a Hugging Face ``PreTrainedModel`` goes to :func:`prune_hf` (token data, the model's own loss,
   GPT-2's ``Conv1D`` seen as ``nn.Linear``; ``structure="channel"`` removes heads and FFN neurons

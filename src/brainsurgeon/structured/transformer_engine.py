@@ -4,7 +4,8 @@ Flow: validate (budget, method, options) -> working copy and token batches -> un
 block -> budget reachable under the caps? -> the criterion's scores -> allocation (global, Kwon
 et al.'s search; or uniform) -> the criterion's selection and compensation -> compaction (or
 zeroing with ``compact=False``) -> cost before/after (params, FLOPs, measured prefill and decode
-latency) and the report.
+latency) and the report. ``bs.prune_sweep`` runs the steps up to the scores once and the rest per
+sparsity, each on a fresh copy of the dense model (``sweep_transformer``).
 
 Criteria are :class:`TransformerMethod` subclasses: ``scores`` gives one non-negative float64
 score per unit (higher = kept; a loss-increase estimate unless ``normalize``), ``select`` may
