@@ -286,7 +286,7 @@ def main(argv=None) -> None:
         todo = [s for s in (float(v) for v in args.sparsities.split(",")) if (tag, s, args.num_samples) not in done]
         if todo and not method.startswith("tp-") and not args.finetune_epochs:
             try:  # one sweep: the statistics once for every sparsity
-                for row in run_cells(model, calib, ids, method, todo, args):
+                for row in run_cells(model, calib, ids, method, list(todo), args):  # todo shrinks as rows come
                     append({**row, "command": command})
                     todo.remove(row["sparsity"])
             except Exception as e:  # a failed cell is recorded, the others still run
