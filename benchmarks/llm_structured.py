@@ -334,7 +334,7 @@ def record(tag: str | None = None) -> None:
         if r["method"] == "dense":
             continue
         if "error" in r:
-            table.append([r["method"], r["sparsity"], "failed: " + r["error"][:80], "", "", "", "", "", ""])
+            table.append([r["method"], r["sparsity"], "failed: " + r["error"][:80], "", "", "", "", "", "", ""])
             continue
         note = r.get("note", "")
         if "ppl_oneshot" in r:
@@ -345,15 +345,22 @@ def record(tag: str | None = None) -> None:
             note = (note + "; " if note else "") + (
                 f"speedups retimed alone ({q['threads']} thread(s), more rounds); in the run {pre:.2f} / {dec:.2f}")
             pre, dec = q["prefill_speedup"], q["decode_speedup"]
+        secs = f"{r['prune_s']:.0f}" if r.get("prune_s") is not None else ""
+        if r.get("shared_s") is not None:
+            secs += f" ({r['shared_s']:.0f} shared)"
         table.append([r["method"], r["sparsity"], r["ppl"], r["ppl"] / dense if dense else "", r["flops_ratio"],
-                      pre, dec, r.get("num_samples"), note])
+                      pre, dec, r.get("num_samples"), secs, note])
     body = (f"SmolLM2-135M-Instruct, dense perplexity {dense:.3f} on 40 x 512 tokens of *Persuasion*. Heads + FFN neurons "
             "removed (fraction of the decoder head/FFN parameters), global allocation, one-shot. Calibration sequences "
             f"of 512 tokens as listed (fisher-mask tunes its masks on {_tuned_on(rows)}); tp-* is Torch-Pruning's LLM example "
             "at the ratio removing the same fraction, FFN + hidden size where it could not group the heads; speedups are "
-            "dense / pruned latency, timed interleaved on the shared machine.\n\n"
+            "dense / pruned latency, timed interleaved on the shared machine."
+            + (" Prune s: the pruning call's wall time; where part is shared, the cell came from one `bs.prune_sweep` per "
+               "criterion, its statistics gathered once for all the sparsities (each result equal to `bs.prune`'s at that "
+               "sparsity), and the figure is the shared part plus the cell's own." if any("shared_s" in r for r in rows) else "")
+            + "\n\n"
             + markdown_table(["method", "removed", "ppl", "ppl / dense", "FLOPs ratio", "prefill speedup", "decode speedup",
-                              "calib seqs", "note"], table))
+                              "calib seqs", "prune s", "note"], table))
     if tag:
         sizes = sorted({r.get("num_samples") for r in rows if r.get("num_samples")})
         return record_section(SECTION, f"Structured transformer pruning, run '{tag}' ({', '.join(map(str, sizes))} "
