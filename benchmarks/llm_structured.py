@@ -142,13 +142,20 @@ def retime(args) -> None:
 def run_finetuned(model, calib, ids, method: str, sparsity: float, args) -> dict:
     """The cell's pruned (compacted) model, then ``bs.finetune`` on the calibration windows with the
     model's own next-token loss (Adam, cosine, 10% of the windows held out to pick the best epoch):
-    how much of the perplexity gap to dense the fine-tuning closes."""
+    how much of the perplexity gap to dense the fine-tuning closes. A one-shot cell of this run
+    whose model was saved (``--save-models``) is loaded (``bs.load``) instead of pruned again."""
     import brainsurgeon as bs
 
-    row = run_cell(model, calib, ids, method, sparsity, args)
-    res_model = row.pop("_model")
-    if not any((r["method"], r["sparsity"], r.get("num_samples")) == (method, sparsity, row["num_samples"]) for r in read_results()):
-        append(dict(row))  # the one-shot cell, as without fine-tuning
+    oneshot = next((r for r in read_results() if (r["method"], r["sparsity"], r.get("num_samples")) ==
+                    (method, sparsity, args.num_samples) and r.get("saved") and Path(r["saved"]).exists()), None)
+    if oneshot is not None:
+        row = {k: v for k, v in oneshot.items() if k != "command"}
+        res_model = bs.load(row["saved"])
+    else:
+        row = run_cell(model, calib, ids, method, sparsity, args)
+        res_model = row.pop("_model")
+        if not any((r["method"], r["sparsity"], r.get("num_samples")) == (method, sparsity, row["num_samples"]) for r in read_results()):
+            append(dict(row))  # the one-shot cell, as without fine-tuning
     t0 = time.perf_counter()
     tuned = bs.finetune(res_model, calib, epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.batch_size,
                         val_fraction=0.1, select="loss", progress=False)
