@@ -88,3 +88,19 @@ def test_other_paths_prune_once_per_sparsity():
         single = bs.prune(model, x, "wanda", s, batch_size=2)
         _same(res, single)
         assert res.report["sweep"]["shared"] == [] and "one bs.prune per sparsity" in res.report["sweep"]["why"]
+
+
+def test_each_budget_starts_from_the_random_state_of_a_single_call(monkeypatch):
+    from brainsurgeon.structured.heads import HeadMagnitude
+
+    def noisy(self, tctx, keep):  # a compensation that draws random numbers
+        with torch.no_grad():
+            for p in tctx.model.parameters():
+                p.add_(1e-3 * torch.rand(p.shape))
+
+    monkeypatch.setattr(HeadMagnitude, "compensate", noisy)
+    model = tiny_llama()
+    x = torch.randint(0, VOCAB, (6, 12), generator=torch.Generator().manual_seed(1))
+    swept = list(bs.prune_sweep(model, x, "magnitude", [0.2, 0.3], **KW))
+    for res, s in zip(swept, [0.2, 0.3]):
+        _same(res, bs.prune(model, x, "magnitude", s, **KW))

@@ -171,17 +171,22 @@ def sweep_transformer(model: nn.Module, data, method: str, sparsities: list[floa
     for k in ("flops_target", "latency_target"):
         if opts.get(k) is not None:
             raise BrainsurgeonError(f"prune_sweep sweeps sparsity: leave {k} out (or call bs.prune once per target)")
-    return _sweep(_setup(model, data, method, list(sparsities), **kwargs))
+    sparsities = list(sparsities)
+    return _sweep(_setup(model, data, method, sparsities, **kwargs), sparsities)
 
 
-def _sweep(run: "_Run") -> Iterator:
+def _sweep(run: "_Run", sparsities: list[float]) -> Iterator:
     _statistics(run)
     shared_s = time.perf_counter() - run.t_start  # set-up and statistics, paid once
+    # each budget starts from the random state a single call has after its statistics
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
     for i in range(len(run.budgets)):
         t0 = time.perf_counter()
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
         res = _finish(run, _fresh_context(run), i, t0 - shared_s)
-        res.report["sweep"] = {"sparsities": [1 - b.keep for b in run.budgets], "index": i, "shared": ["statistics"],
-                               "shared_s": shared_s}
+        res.report["sweep"] = {"sparsities": sparsities, "index": i, "shared": ["statistics"], "shared_s": shared_s}
         yield res
 
 
