@@ -178,9 +178,9 @@ def test_heap_ceiling_without_proc_trims_every_time(monkeypatch):
 def test_resident_bytes_reads_this_process():
     import psutil
 
-    from brainsurgeon import memory
-
     import os
+
+    from brainsurgeon import memory
 
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("no /proc/self/statm here (not Linux)")

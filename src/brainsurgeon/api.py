@@ -169,7 +169,7 @@ def prune_sweep(model: nn.Module, data, method: str = "magnitude", sparsities=(0
     from .adapters.hf import is_hf_model
 
     if kwargs.get("structure") == "channel" and kwargs.get("offload") is None and is_hf_model(model):
-        return _shared_sweep(model, data, method, values, **kwargs)
+        return _shared_sweep(model, data, method, values, kwargs)
     return _separate_sweep(model, data, method, values, kwargs)
 
 
@@ -185,17 +185,23 @@ def _checked_sparsities(sparsities) -> list[float]:
     return [float(v) for v in values]
 
 
-def _shared_sweep(model, data, method, sparsities, *, structure, allocation=None, max_layer_sparsity=0.99,
-                  loss_fn=None, num_samples=None, damping=None, layers=None, seed=0, device="cpu", batch_size=None,
-                  progress=None, schedule="oneshot", steps=None, finetune=None, compact=None, round_to=None,
-                  recalibrate_bn=None, offload=None, **method_options):
+def _shared_sweep(model, data, method, sparsities, kwargs: dict):
+    """``bs.prune``'s arguments (its own defaults, bound to its signature, not restated here) for
+    :func:`~brainsurgeon.structured.transformer_engine.sweep_transformer`."""
+    import inspect
+
     from .structured.transformer_engine import sweep_transformer
 
+    bound = inspect.signature(prune).bind(model, data, method, None, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["out"] is not None or a["offload_activations"] or a["resume"] or a["force"]:
+        raise BrainsurgeonError("out=, offload_activations=, resume= and force= go with offload='disk'")
     return sweep_transformer(
-        model, data, method, sparsities, allocation=allocation or "global", max_layer_sparsity=max_layer_sparsity, loss_fn=loss_fn,
-        num_samples=num_samples, damping=damping, layers=layers, seed=seed, device=device, progress=progress,
-        batch_size=DEFAULT_TOKEN_BATCH if batch_size is None else batch_size, method_options=method_options,
-        **_channel_options(schedule, steps, finetune, compact, round_to, recalibrate_bn),
+        model, data, method, sparsities, allocation=a["allocation"] or "global", method_options=dict(a["method_options"]),
+        batch_size=DEFAULT_TOKEN_BATCH if a["batch_size"] is None else a["batch_size"],
+        **{k: a[k] for k in ("max_layer_sparsity", "loss_fn", "num_samples", "damping", "layers", "seed", "device", "progress")},
+        **_channel_options(a["schedule"], a["steps"], a["finetune"], a["compact"], a["round_to"], a["recalibrate_bn"]),
     )
 
 

@@ -51,6 +51,10 @@ class TransformerContext:
     #: costs and total prunable params of the dense units (the report reads them after compaction)
     dense_costs: "UnitCosts | None" = None
     dense_params: float = 0.0
+    #: the criterion's score per unit key (set by the statistics; a sweep's budgets share them)
+    scores: dict | None = None
+    #: the measured per-unit latency table of a latency budget
+    latency_table: dict | None = None
 
     def track(self, iterable, description: str, total: int | None = None):
         return track(iterable, description, self.show_progress, total)
@@ -270,13 +274,11 @@ def _fresh_context(run: _Run) -> TransformerContext:
 
     base = run.tctx
     work = copy.deepcopy(run.dense)
-    tctx = replace(base, model=work, view=TokenView(work), layers=layer_units(work, bool(run.opts.get("prune_query_heads", False))),
-                   numerics=copy.deepcopy(base.numerics), timer=Timings(), notes=list(base.notes))
-    tctx.timer.seconds.update(base.timer.seconds)
-    tctx.scores = base.scores
-    if hasattr(base, "latency_table"):
-        tctx.latency_table = base.latency_table
-    return tctx
+    timer = Timings()
+    timer.seconds.update(base.timer.seconds)
+    # replace() carries the rest, the shared scores included
+    return replace(base, model=work, view=TokenView(work), layers=layer_units(work, bool(run.opts.get("prune_query_heads", False))),
+                   numerics=copy.deepcopy(base.numerics), timer=timer, notes=list(base.notes))
 
 
 def _finish(run: _Run, tctx: TransformerContext, i: int, t_start: float):
