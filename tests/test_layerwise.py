@@ -14,6 +14,7 @@ from brainsurgeon.data import Calibration
 from brainsurgeon.errors import BrainsurgeonError
 from brainsurgeon.pruners.layerwise import LayerwiseMethod, row_balanced_mask
 from brainsurgeon.pruners.obc import obc_prune, obs_step
+from brainsurgeon.pruners import sweep_kernel
 from brainsurgeon.pruners.sparsegpt import block_share, sparsegpt_prune
 from brainsurgeon.pruners.wanda import wanda_mask, wanda_scores
 from brainsurgeon.targets import Target
@@ -223,8 +224,18 @@ def test_block_share_sums_to_count():
         assert sum(shares) == count and min(shares) >= 0
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def sweep_path(request, monkeypatch):
+    """SparseGPT's column sweep compiled (pruners/csrc/sweep.c) or as the torch loop."""
+    if request.param == "torch":
+        monkeypatch.setattr(sweep_kernel, "applies", lambda *tensors: False)
+    else:
+        assert sweep_kernel.available(), f"a C compiler is needed for the sweep kernel: {sweep_kernel.why_not()}"
+    return request.param
+
+
 @pytest.mark.parametrize("structure", ["unstructured", "2:4"])
-def test_sparsegpt_blocksize_one_matches_sequential_obs(structure):
+def test_sparsegpt_blocksize_one_matches_sequential_obs(structure, sweep_path):
     torch.manual_seed(4)
     x = correlated_inputs(60, 8)
     h = hessian_of(x)
@@ -243,7 +254,7 @@ def test_sparsegpt_blocksize_one_matches_sequential_obs(structure):
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "2:4"])
-def test_sparsegpt_lazy_blocks_are_exact_when_the_width_is_not_a_multiple(structure):
+def test_sparsegpt_lazy_blocks_are_exact_when_the_width_is_not_a_multiple(structure, sweep_path):
     torch.manual_seed(9)
     x = correlated_inputs(90, 12)
     h = hessian_of(x)

@@ -3,18 +3,28 @@ in One-Shot", Algorithm 1)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cache
 from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 from scipy.linalg import lapack
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ..allocation import Structure, nm_mask
 from ..curvature.layer_inputs import LayerInputStats
 from ..errors import BrainsurgeonError
 from ..registry import register
+from . import sweep_kernel
 from .layerwise import LayerwiseMethod
+
+
+@cache
+def _blas_pools() -> ThreadpoolController:
+    """The process's BLAS thread pools, found once (scipy's LAPACK is loaded by this module's
+    import): ``threadpool_limits`` searches the loaded libraries on every call, about 0.9 ms, once
+    per layer solved."""
+    return ThreadpoolController()
 
 
 def reversed_cholesky(hessian: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -42,7 +52,7 @@ def reversed_cholesky(hessian: torch.Tensor, dtype: torch.dtype = torch.float64)
         buf = out.numpy()
         np.copyto(buf, hessian.detach().numpy()[::-1, ::-1], casting="same_kind")
         potrf = lapack.spotrf if dtype == torch.float32 else lapack.dpotrf
-        with threadpool_limits(1, user_api="blas"):
+        with _blas_pools().limit(limits=1, user_api="blas"):
             # buf.T is the same symmetric matrix in Fortran order, factorised in place as R^T R
             # (R upper, Fortran order): read in C order, buf's lower triangle is R^T = L.
             _, info = potrf(buf.T, lower=0, clean=0, overwrite_a=1)
@@ -142,22 +152,31 @@ def _sweep(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor, i1: int, count:
     brought up to date only when its turn (or its mask window's) comes, w_j -= sum_{i<j} U_ij err_i,
     one matrix-vector product over the stored errors instead of a rank-1 update of every later
     column per column (half the memory traffic, one kernel per column). The mask is chosen at the
-    start of each mask window, after the window's columns are brought up to date by one matmul."""
+    start of each mask window, after the window's columns are brought up to date by one matmul.
+    Where it is built, the compiled sweep (``sweep_kernel``) runs the per-column loop, and at N:M
+    the whole block, mask choices included: the same arithmetic, summed in another order."""
     n = W1.shape[0]
     dinv = torch.diagonal(U1).reciprocal()
     Ut = U1.T.contiguous()  # Ut[j, :j] = U_{:j, j}: the coefficients column j gathers
     err = torch.empty_like(W1)
-    window = structure.m if structure.is_nm else mask_bs
-    for w0 in range(0, n, window):
-        w1 = min(w0 + window, n)
-        if w0 > 0:
-            W1[w0:w1].addmm_(Ut[w0:w1, :w0], err[:w0], alpha=-1.0)
-        P1[w0:w1] = _choose(W1, dinv, w0, w1, i1 + w0, count, cols, structure)
-        scale = P1[w0:w1].to(W1.dtype).mul_(dinv[w0:w1, None])  # p_i / U_ii per row of the window
-        for j in range(w0, w1):
-            if j > w0:
-                W1[j].addmv_(err[w0:j].T, Ut[j, w0:j], alpha=-1.0)
-            torch.mul(W1[j], scale[j - w0], out=err[j])
+    compiled = sweep_kernel.applies(W1, err, Ut, dinv)
+    if compiled and structure.is_nm and structure.m <= 16 and n % structure.m == 0:
+        sweep_kernel.sweep_nm(W1, err, Ut, dinv, P1, structure.n, structure.m)  # masks chosen inside
+    else:
+        window = structure.m if structure.is_nm else mask_bs
+        for w0 in range(0, n, window):
+            w1 = min(w0 + window, n)
+            if w0 > 0:
+                W1[w0:w1].addmm_(Ut[w0:w1, :w0], err[:w0], alpha=-1.0)
+            P1[w0:w1] = _choose(W1, dinv, w0, w1, i1 + w0, count, cols, structure)
+            scale = P1[w0:w1].to(W1.dtype).mul_(dinv[w0:w1, None])  # p_i / U_ii per row of the window
+            if compiled:
+                sweep_kernel.sweep_columns(W1, err, Ut, scale, w0, w1)
+                continue
+            for j in range(w0, w1):
+                if j > w0:
+                    W1[j].addmv_(err[w0:j].T, Ut[j, w0:j], alpha=-1.0)
+                torch.mul(W1[j], scale[j - w0], out=err[j])
     # exactly zero, not a rounding residue (+ 0.0 turns the -0.0 of negative residues into +0.0);
     # measured 8x faster than masked_fill_ with a strided boolean mask
     W1.mul_(~P1).add_(0.0)

@@ -1,0 +1,80 @@
+"""SparseGPT's column sweep inside a block, compiled (``csrc/sweep.c``).
+
+Why a C kernel: the sweep is sequential over columns (each column's error depends on every earlier
+column's), so torch runs it as two small kernels per column from a Python loop: about 25 us per
+column, 4 s of a sparsegpt call on SmolLM2-135M (150,000 columns) whatever the number of
+calibration tokens, and more at N:M, where the mask of every group of M columns is chosen inside
+the loop. The kernel does the same arithmetic (left-looking: w_j -= sum_{i<j} U_ij err_i, then
+err_j = w_j p_j / U_jj) in one pass per column. Sums are formed in another order than torch's
+matrix-vector product, so results agree to rounding, not bit for bit.
+
+Used where a C compiler builds it (``cbuild``); elsewhere :func:`why_not` says why and the torch
+loop runs.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from .. import cbuild
+
+SOURCE = Path(__file__).with_name("csrc") / "sweep.c"
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+_LIB: ctypes.CDLL | None = None
+_WHY_NOT: str | None = None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _LIB, _WHY_NOT
+    if _LIB is not None or _WHY_NOT is not None:
+        return _LIB
+    lib, _WHY_NOT = cbuild.load(SOURCE)
+    if lib is None:
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suf in SUFFIX.values():
+        getattr(lib, f"sweep_columns_{suf}").argtypes = [p, p, p, p, i64, i64, i64, i64]
+        getattr(lib, f"sweep_nm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i64]
+    _LIB = lib
+    return lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def why_not() -> str | None:
+    """Why the kernel is not used here (None when it is)."""
+    _load()
+    return _WHY_NOT
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """The kernel runs on these: built here, CPU, contiguous, one dtype it has (float32/float64)."""
+    first = tensors[0]
+    return (first.dtype in SUFFIX and available()
+            and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == first.dtype for t in tensors))
+
+
+def sweep_columns(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, scale: torch.Tensor,
+                  w0: int, w1: int) -> None:
+    """Columns [w0, w1) of the block in place: W1, err (n x R), Ut (n x n), scale (w1 - w0, R)."""
+    n, R = W1.shape
+    if err.shape != (n, R) or Ut.shape != (n, n) or scale.shape != (w1 - w0, R) or not 0 <= w0 <= w1 <= n:
+        raise ValueError("sweep_columns: shapes do not match the block")
+    fn = getattr(_LIB, f"sweep_columns_{SUFFIX[W1.dtype]}")
+    fn(W1.data_ptr(), err.data_ptr(), Ut.data_ptr(), scale.data_ptr(), n, R, w0, w1)
+
+
+def sweep_nm(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, dinv: torch.Tensor, P1: torch.Tensor,
+             keep: int, m: int) -> None:
+    """The whole block at ``keep``:``m`` (m <= 16, m divides the block's columns); writes P1 (bool)."""
+    n, R = W1.shape
+    if (err.shape != (n, R) or Ut.shape != (n, n) or dinv.shape != (n,) or P1.shape != (n, R)
+            or P1.dtype != torch.bool or not P1.is_contiguous() or not 0 < keep < m <= 16 or n % m):
+        raise ValueError("sweep_nm: shapes or pattern do not match the block")
+    fn = getattr(_LIB, f"sweep_nm_{SUFFIX[W1.dtype]}")
+    fn(W1.data_ptr(), err.data_ptr(), Ut.data_ptr(), dinv.data_ptr(), P1.data_ptr(), n, R, keep, m)
