@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import brainsurgeon as bs
 from brainsurgeon.allocation import Structure
 from brainsurgeon.pruners import sparsegpt, sweep_kernel
 
@@ -123,3 +125,17 @@ def test_bad_shapes_are_refused(kernel):
                         torch.empty(8, 5, dtype=torch.bool), 2, 3)  # 3 does not divide 8
     assert not kernel.applies(W, U.float())  # mixed dtypes
     assert not kernel.applies(W.T, U)  # not contiguous
+
+
+def test_the_report_says_which_sweep_ran(kernel, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    compiled = bs.prune(model, (x, y), "sparsegpt", 0.5, progress=False)
+    assert compiled.report["column_sweep"].startswith("compiled")
+    monkeypatch.setattr(sweep_kernel, "_LIB", None)
+    monkeypatch.setattr(sweep_kernel, "_WHY_NOT", "no C compiler (cc not found): install gcc or set CC")
+    loop = bs.prune(model, (x, y), "sparsegpt", 0.5, progress=False)
+    assert loop.report["column_sweep"] == "torch loop: no C compiler (cc not found): install gcc or set CC"
+    for a, b in zip(compiled.model.parameters(), loop.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

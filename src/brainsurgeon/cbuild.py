@@ -1,8 +1,9 @@
 """Compile one of brainsurgeon's own C sources for this CPU, cache the library, load it with ctypes.
 
 Used by the bitmask kernels (``sparse/native.py``), the AMX Gram kernel
-(``curvature/gram_kernel.py``) and SparseGPT's column sweep (``pruners/sweep_kernel.py``). Only the sources shipped inside the package are built: the path is
-the caller's constant, never read from a file or a model.
+(``curvature/gram_kernel.py``) and SparseGPT's column sweep (``pruners/sweep_kernel.py``). Only the
+sources shipped inside the package are built: the path is the caller's constant, never read from a
+file or a model.
 
 Build: ``$CC`` (default ``cc``) with ``-O3 -march=native`` and ``-fopenmp``, linked against the
 OpenMP runtime torch already loaded, so that the kernels' threads are torch's threads (two runtimes

@@ -33,7 +33,8 @@ above ``MAX_LOCKSTEP_BATCHES`` cached batches, and for error correction, each gr
 a partial pass of its own instead (stopping at the group) and the outputs one more pass, with
 bit-identical results (tested). Measured, sparsegpt 50% on SmolLM2-135M (32 x 512 tokens, 2
 threads): partial passes 99 s, lockstep 52-60 s, the reference SparseGPT driver 88 s; at 128 x 512
-tokens, lockstep on greenlets 187-226 s against the reference's 382-412 s (BENCHMARKS.md).
+tokens, lockstep on greenlets 187-226 s against the reference's 382-412 s, and with SparseGPT's
+column sweep compiled 176-192 s against 374-415 s (six pairs, BENCHMARKS.md).
 Earlier, on a random Llama (hidden 256, FFN 688, GQA 8/4 heads; 32 x 128 tokens), layer-by-layer
 against the block path with partial passes: 4 layers 15.3 s vs 4.7 s, 8 layers 51.1 s vs 7.6 s.
 ``activations_dtype`` (e.g. ``torch.bfloat16``) stores the cached activations in a smaller dtype

@@ -315,6 +315,14 @@ class SparseGPT(LayerwiseMethod):
             # an N:M group must not straddle two lazy-update blocks
             raise BrainsurgeonError(f"blocksize={self.blocksize} must be a multiple of M={s.m} for the {s} pattern")
 
+    def run(self, ctx) -> dict[str, torch.Tensor]:
+        masks = super().run(ctx)
+        # which column sweep ran (the same arithmetic; sums in another order): CPU layers use the
+        # compiled one where it built, the torch loop otherwise
+        why = sweep_kernel.why_not()
+        ctx.extra_report["column_sweep"] = "compiled (CPU float32/float64 layers)" if why is None else f"torch loop: {why}"
+        return masks
+
     def solve(self, w: torch.Tensor, stats: LayerInputStats, count: int, structure: Structure, note=None):
         return sparsegpt_prune(w, stats.hessian, count, structure, self.blocksize, self.mask_blocksize, note)
 
