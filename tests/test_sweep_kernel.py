@@ -133,8 +133,8 @@ def test_the_report_says_which_sweep_ran(kernel, monkeypatch):
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
     compiled = bs.prune(model, (x, y), "sparsegpt", 0.5, progress=False)
     assert compiled.report["column_sweep"].startswith("compiled")
-    monkeypatch.setattr(sweep_kernel, "_LIB", None)
-    monkeypatch.setattr(sweep_kernel, "_WHY_NOT", "no C compiler (cc not found): install gcc or set CC")
+    monkeypatch.setattr(sweep_kernel.KERNEL, "_lib", None)
+    monkeypatch.setattr(sweep_kernel.KERNEL, "_why_not", "no C compiler (cc not found): install gcc or set CC")
     loop = bs.prune(model, (x, y), "sparsegpt", 0.5, progress=False)
     assert loop.report["column_sweep"] == "torch loop: no C compiler (cc not found): install gcc or set CC"
     for a, b in zip(compiled.model.parameters(), loop.model.parameters()):

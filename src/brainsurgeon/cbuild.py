@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 #: the flags of every build (a caller may pass others, e.g. a portable build in the tests)
 CFLAGS = ["-O3", "-march=native", "-fPIC", "-std=gnu11"]
@@ -111,3 +112,36 @@ def load(source: Path, cflags: list[str] | None = None) -> tuple[ctypes.CDLL | N
         return ctypes.CDLL(str(target)), None
     except OSError as e:
         return None, f"the {source.stem} kernels did not build: {e}"
+
+
+class Kernel:
+    """One of our C sources, built and loaded on first use, once per process.
+
+    ``prepare(lib)`` declares the functions' argument types and returns None, or why the library
+    cannot be used here (e.g. the CPU lacks an instruction set the source checks for at run time);
+    ``requires()``, checked before anything is built, returns None or why not to build at all."""
+
+    def __init__(self, source: Path, prepare: Callable[[ctypes.CDLL], str | None],
+                 requires: Callable[[], str | None] | None = None) -> None:
+        self.source, self.prepare, self.requires = source, prepare, requires
+        self._lib: ctypes.CDLL | None = None
+        self._why_not: str | None = None
+
+    def lib(self) -> ctypes.CDLL | None:
+        """The loaded library, or None (then :meth:`why_not` says why)."""
+        if self._lib is None and self._why_not is None:
+            self._why_not = self.requires() if self.requires is not None else None
+            if self._why_not is None:
+                lib, self._why_not = load(self.source)
+                if lib is not None:
+                    self._why_not = self.prepare(lib)
+                    self._lib = lib if self._why_not is None else None
+        return self._lib
+
+    def available(self) -> bool:
+        return self.lib() is not None
+
+    def why_not(self) -> str | None:
+        """Why the kernel is not used here (None when it is)."""
+        self.lib()
+        return self._why_not

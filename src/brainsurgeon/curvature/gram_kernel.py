@@ -24,20 +24,11 @@ from .. import cbuild
 
 SOURCE = Path(__file__).with_name("csrc") / "gram.c"
 
-_LIB: ctypes.CDLL | None = None
-_WHY_NOT: str | None = None
+def _requires() -> str | None:
+    return None if " amx_bf16" in cbuild.cpu_flags() + " " else "this CPU has no AMX-BF16"
 
 
-def _load() -> ctypes.CDLL | None:
-    global _LIB, _WHY_NOT
-    if _LIB is not None or _WHY_NOT is not None:
-        return _LIB
-    if " amx_bf16" not in cbuild.cpu_flags() + " ":
-        _WHY_NOT = "this CPU has no AMX-BF16"
-        return None
-    lib, _WHY_NOT = cbuild.load(SOURCE)
-    if lib is None:
-        return None
+def _prepare(lib: ctypes.CDLL) -> str | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gram_amx.argtypes = [p, p, i64, i64, p, i32]
     lib.gram_amx.restype = i32
@@ -45,27 +36,27 @@ def _load() -> ctypes.CDLL | None:
     lib.gram_amx_work_bytes.restype = i64
     lib.gram_amx_available.restype = i32
     if not lib.gram_amx_available():
-        _WHY_NOT = "the AMX path was not compiled, or Linux refused the tile state (arch_prctl XTILEDATA)"
-        return None
-    _LIB = lib
-    return lib
+        return "the AMX path was not compiled, or Linux refused the tile state (arch_prctl XTILEDATA)"
+    return None
+
+
+KERNEL = cbuild.Kernel(SOURCE, _prepare, _requires)
 
 
 def available() -> bool:
-    return _load() is not None
+    return KERNEL.available()
 
 
 def why_not() -> str | None:
     """Why the kernel is not used here (None when it is)."""
-    _load()
-    return _WHY_NOT
+    return KERNEL.why_not()
 
 
 def add_gram_bf16(acc: torch.Tensor, x: torch.Tensor) -> None:
     """``acc += X^T X``: acc float64 (d x d, contiguous, CPU), X bfloat16 (n x d, CPU); exactly symmetric."""
-    lib = _load()
+    lib = KERNEL.lib()
     if lib is None:
-        raise RuntimeError(f"the AMX Gram kernel is not available: {_WHY_NOT}")
+        raise RuntimeError(f"the AMX Gram kernel is not available: {KERNEL.why_not()}")
     n, d = x.shape
     if acc.dtype != torch.float64 or acc.shape != (d, d) or not acc.is_contiguous() or acc.device.type != "cpu":
         raise ValueError(f"acc must be a contiguous float64 CPU tensor of shape ({d}, {d})")

@@ -23,33 +23,24 @@ from .. import cbuild
 SOURCE = Path(__file__).with_name("csrc") / "sweep.c"
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
-_LIB: ctypes.CDLL | None = None
-_WHY_NOT: str | None = None
 
-
-def _load() -> ctypes.CDLL | None:
-    global _LIB, _WHY_NOT
-    if _LIB is not None or _WHY_NOT is not None:
-        return _LIB
-    lib, _WHY_NOT = cbuild.load(SOURCE)
-    if lib is None:
-        return None
+def _prepare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     for suf in SUFFIX.values():
         getattr(lib, f"sweep_columns_{suf}").argtypes = [p, p, p, p, i64, i64, i64, i64]
         getattr(lib, f"sweep_nm_{suf}").argtypes = [p, p, p, p, p, i64, i64, i64, i64]
-    _LIB = lib
-    return lib
+
+
+KERNEL = cbuild.Kernel(SOURCE, _prepare)
 
 
 def available() -> bool:
-    return _load() is not None
+    return KERNEL.available()
 
 
 def why_not() -> str | None:
     """Why the kernel is not used here (None when it is)."""
-    _load()
-    return _WHY_NOT
+    return KERNEL.why_not()
 
 
 def applies(*tensors: torch.Tensor) -> bool:
@@ -65,7 +56,7 @@ def sweep_columns(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, scale: 
     n, R = W1.shape
     if err.shape != (n, R) or Ut.shape != (n, n) or scale.shape != (w1 - w0, R) or not 0 <= w0 <= w1 <= n:
         raise ValueError("sweep_columns: shapes do not match the block")
-    fn = getattr(_LIB, f"sweep_columns_{SUFFIX[W1.dtype]}")
+    fn = getattr(KERNEL.lib(), f"sweep_columns_{SUFFIX[W1.dtype]}")
     fn(W1.data_ptr(), err.data_ptr(), Ut.data_ptr(), scale.data_ptr(), n, R, w0, w1)
 
 
@@ -76,5 +67,5 @@ def sweep_nm(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, dinv: torch.
     if (err.shape != (n, R) or Ut.shape != (n, n) or dinv.shape != (n,) or P1.shape != (n, R)
             or P1.dtype != torch.bool or not P1.is_contiguous() or not 0 < keep < m <= 16 or n % m):
         raise ValueError("sweep_nm: shapes or pattern do not match the block")
-    fn = getattr(_LIB, f"sweep_nm_{SUFFIX[W1.dtype]}")
+    fn = getattr(KERNEL.lib(), f"sweep_nm_{SUFFIX[W1.dtype]}")
     fn(W1.data_ptr(), err.data_ptr(), Ut.data_ptr(), dinv.data_ptr(), P1.data_ptr(), n, R, keep, m)

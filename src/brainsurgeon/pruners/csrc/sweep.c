@@ -15,18 +15,23 @@
 #include <stdint.h>
 
 #define DEFINE_SWEEP(T, SUF)                                                                       \
+    /* w_j -= sum_{i0 <= i < i1} Ut[j, i] err_i */                                                 \
+    static inline void gather_##SUF(T *restrict wj, const T *restrict err, const T *restrict uj,   \
+                                    int64_t i0, int64_t i1, int64_t R) {                           \
+        for (int64_t i = i0; i < i1; i++) {                                                        \
+            const T c = uj[i];                                                                     \
+            const T *restrict ei = err + i * R;                                                    \
+            for (int64_t r = 0; r < R; r++) wj[r] -= c * ei[r];                                    \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
     /* columns [w0, w1): each gathers the errors of columns [w0, j); scale (w1 - w0) x R */        \
     void sweep_columns_##SUF(T *restrict W, T *restrict err, const T *restrict Ut,                 \
                              const T *restrict scale, int64_t n, int64_t R, int64_t w0,            \
                              int64_t w1) {                                                         \
         for (int64_t j = w0; j < w1; j++) {                                                        \
             T *restrict wj = W + j * R;                                                            \
-            const T *restrict uj = Ut + j * n;                                                     \
-            for (int64_t i = w0; i < j; i++) {                                                     \
-                const T c = uj[i];                                                                 \
-                const T *restrict ei = err + i * R;                                                \
-                for (int64_t r = 0; r < R; r++) wj[r] -= c * ei[r];                                \
-            }                                                                                      \
+            gather_##SUF(wj, err, Ut + j * n, w0, j, R);                                           \
             const T *restrict sj = scale + (j - w0) * R;                                           \
             T *restrict ej = err + j * R;                                                          \
             for (int64_t r = 0; r < R; r++) ej[r] = wj[r] * sj[r];                                 \
@@ -39,15 +44,8 @@
                         int64_t keep, int64_t m) {                                                 \
         const int64_t drop = m - keep;                                                             \
         for (int64_t w0 = 0; w0 < n; w0 += m) {                                                    \
-            for (int64_t j = w0; j < w0 + m; j++) { /* every column before the group */            \
-                T *restrict wj = W + j * R;                                                        \
-                const T *restrict uj = Ut + j * n;                                                 \
-                for (int64_t i = 0; i < w0; i++) {                                                 \
-                    const T c = uj[i];                                                             \
-                    const T *restrict ei = err + i * R;                                            \
-                    for (int64_t r = 0; r < R; r++) wj[r] -= c * ei[r];                            \
-                }                                                                                  \
-            }                                                                                      \
+            for (int64_t j = w0; j < w0 + m; j++) /* every column before the group */              \
+                gather_##SUF(W + j * R, err, Ut + j * n, 0, w0, R);                                \
             for (int64_t r = 0; r < R; r++) { /* the group's mask, per row */                      \
                 T s[16];                                                                           \
                 for (int64_t k = 0; k < m; k++) {                                                  \
@@ -63,12 +61,7 @@
             }                                                                                      \
             for (int64_t j = w0; j < w0 + m; j++) { /* within the group, as sweep_columns */       \
                 T *restrict wj = W + j * R;                                                        \
-                const T *restrict uj = Ut + j * n;                                                 \
-                for (int64_t i = w0; i < j; i++) {                                                 \
-                    const T c = uj[i];                                                             \
-                    const T *restrict ei = err + i * R;                                            \
-                    for (int64_t r = 0; r < R; r++) wj[r] -= c * ei[r];                            \
-                }                                                                                  \
+                gather_##SUF(wj, err, Ut + j * n, w0, j, R);                                       \
                 const uint8_t *restrict pj = P + j * R;                                            \
                 const T d = dinv[j];                                                               \
                 T *restrict ej = err + j * R;                                                      \
