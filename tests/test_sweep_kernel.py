@@ -125,6 +125,11 @@ def test_bad_shapes_are_refused(kernel):
                         torch.empty(8, 5, dtype=torch.bool), 2, 3)  # 3 does not divide 8
     assert not kernel.applies(W, U.float())  # mixed dtypes
     assert not kernel.applies(W.T, U)  # not contiguous
+    scale = torch.ones(8, 5, dtype=W.dtype)
+    with pytest.raises(ValueError):
+        kernel.sweep_columns(W, torch.empty_like(W), U.T, scale, 0, 8)  # a transposed view: raw pointers refused
+    with pytest.raises(ValueError):
+        kernel.sweep_columns(W, torch.empty_like(W), U.float(), scale, 0, 8)
 
 
 def test_the_report_says_which_sweep_ran(kernel, monkeypatch):

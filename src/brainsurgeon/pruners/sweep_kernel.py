@@ -56,6 +56,8 @@ def sweep_columns(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, scale: 
     n, R = W1.shape
     if err.shape != (n, R) or Ut.shape != (n, n) or scale.shape != (w1 - w0, R) or not 0 <= w0 <= w1 <= n:
         raise ValueError("sweep_columns: shapes do not match the block")
+    if not applies(W1, err, Ut, scale):  # raw pointers: anything else would be read out of bounds
+        raise ValueError("sweep_columns: needs contiguous CPU tensors of one dtype (float32/float64) and the kernel")
     fn = getattr(KERNEL.lib(), f"sweep_columns_{SUFFIX[W1.dtype]}")
     fn(W1.data_ptr(), err.data_ptr(), Ut.data_ptr(), scale.data_ptr(), n, R, w0, w1)
 
@@ -67,5 +69,7 @@ def sweep_nm(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, dinv: torch.
     if (err.shape != (n, R) or Ut.shape != (n, n) or dinv.shape != (n,) or P1.shape != (n, R)
             or P1.dtype != torch.bool or not P1.is_contiguous() or not 0 < keep < m <= 16 or n % m):
         raise ValueError("sweep_nm: shapes or pattern do not match the block")
+    if not applies(W1, err, Ut, dinv) or P1.device.type != "cpu":
+        raise ValueError("sweep_nm: needs contiguous CPU tensors of one dtype (float32/float64) and the kernel")
     fn = getattr(KERNEL.lib(), f"sweep_nm_{SUFFIX[W1.dtype]}")
     fn(W1.data_ptr(), err.data_ptr(), Ut.data_ptr(), dinv.data_ptr(), P1.data_ptr(), n, R, keep, m)
