@@ -119,11 +119,12 @@ class Kernel:
 
     ``prepare(lib)`` declares the functions' argument types and returns None, or why the library
     cannot be used here (e.g. the CPU lacks an instruction set the source checks for at run time);
-    ``requires()``, checked before anything is built, returns None or why not to build at all."""
+    ``requires()``, checked before anything is built, returns None or why not to build at all;
+    ``cflags``: the build's flags (default :data:`CFLAGS`)."""
 
     def __init__(self, source: Path, prepare: Callable[[ctypes.CDLL], str | None],
-                 requires: Callable[[], str | None] | None = None) -> None:
-        self.source, self.prepare, self.requires = source, prepare, requires
+                 requires: Callable[[], str | None] | None = None, cflags: list[str] | None = None) -> None:
+        self.source, self.prepare, self.requires, self.cflags = source, prepare, requires, cflags
         self._lib: ctypes.CDLL | None = None
         self._why_not: str | None = None
 
@@ -132,7 +133,7 @@ class Kernel:
         if self._lib is None and self._why_not is None:
             self._why_not = self.requires() if self.requires is not None else None
             if self._why_not is None:
-                lib, self._why_not = load(self.source)
+                lib, self._why_not = load(self.source, self.cflags)
                 if lib is not None:
                     self._why_not = self.prepare(lib)
                     self._lib = lib if self._why_not is None else None

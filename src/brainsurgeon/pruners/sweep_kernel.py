@@ -22,6 +22,7 @@ from .. import cbuild
 
 SOURCE = Path(__file__).with_name("csrc") / "sweep.c"
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+MAX_M = 16  # sweep.c holds one group's scores in a stack array of 16
 
 
 def _prepare(lib: ctypes.CDLL) -> None:
@@ -50,6 +51,12 @@ def applies(*tensors: torch.Tensor) -> bool:
             and all(t.device.type == "cpu" and t.is_contiguous() and t.dtype == first.dtype for t in tensors))
 
 
+def fits_nm(n: int, m: int) -> bool:
+    """Whether :func:`sweep_nm` takes a block of ``n`` columns at N:``m`` (groups of at most 16,
+    whole groups only)."""
+    return m <= MAX_M and n % m == 0
+
+
 def sweep_columns(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, scale: torch.Tensor,
                   w0: int, w1: int) -> None:
     """Columns [w0, w1) of the block in place: W1, err (n x R), Ut (n x n), scale (w1 - w0, R)."""
@@ -67,7 +74,7 @@ def sweep_nm(W1: torch.Tensor, err: torch.Tensor, Ut: torch.Tensor, dinv: torch.
     """The whole block at ``keep``:``m`` (m <= 16, m divides the block's columns); writes P1 (bool)."""
     n, R = W1.shape
     if (err.shape != (n, R) or Ut.shape != (n, n) or dinv.shape != (n,) or P1.shape != (n, R)
-            or P1.dtype != torch.bool or not P1.is_contiguous() or not 0 < keep < m <= 16 or n % m):
+            or P1.dtype != torch.bool or not P1.is_contiguous() or not 0 < keep < m or not fits_nm(n, m)):
         raise ValueError("sweep_nm: shapes or pattern do not match the block")
     if not applies(W1, err, Ut, dinv) or P1.device.type != "cpu":
         raise ValueError("sweep_nm: needs contiguous CPU tensors of one dtype (float32/float64) and the kernel")

@@ -24,10 +24,6 @@ from ..cbuild import cache_dir, openmp_runtime  # noqa: F401 (part of this modul
 SOURCE = Path(__file__).with_name("csrc") / "bitmask.c"
 CFLAGS = list(cbuild.CFLAGS)
 
-_LIB: ctypes.CDLL | None = None
-_ERROR: str | None = None
-
-
 def _compiler() -> str | None:
     return cbuild.compiler()
 
@@ -36,26 +32,25 @@ def _build(cc: str, omp: str | None, target: Path) -> None:
     cbuild.build(SOURCE, cc, omp, target, CFLAGS)
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernels (built now if not cached); None, with :func:`error` set, if they cannot be."""
-    global _LIB, _ERROR
-    if _LIB is not None or _ERROR is not None:
-        return _LIB
-    lib, _ERROR = cbuild.load(SOURCE, CFLAGS)
-    if lib is None:
-        return None
+def _prepare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bm_spmv.argtypes = [p, p, p, p, p, i64, i64, i32]
     lib.bm_spmm.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.bm_spmv.restype = lib.bm_spmm.restype = None
     lib.bm_isa.restype = ctypes.c_int
-    _LIB = lib
-    return lib
+
+
+KERNEL = cbuild.Kernel(SOURCE, _prepare, cflags=CFLAGS)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels (built now if not cached); None, with :func:`error` set, if they cannot be."""
+    return KERNEL.lib()
 
 
 def error() -> str | None:
-    """Why :func:`load` returned None (after it was called)."""
-    return _ERROR
+    """Why :func:`load` returned None."""
+    return KERNEL.why_not()
 
 
 def isa() -> str:
